@@ -1,0 +1,3 @@
+from adqueue.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""`adqueue`: train anomaly detectors, score image dumps, query the results.
+
+Global options set where things live; each verb is one small function in submit.py (train,
+score, evaluate), inspect.py (jobs, results, models, sql) or admin.py (worker, db, demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from adqueue.config import Settings
+from adqueue.errors import AdqueueError
+
+EPILOG = """\b
+Without --broker (or ADQUEUE_BROKER_URL) everything runs in this process
+on the embedded SQLite database: no Redis, no PostgreSQL needed.
+Examples:
+  adqueue demo
+  adqueue train --detector mvg --data good_images/ --name tiles
+  adqueue score --model tiles nightly_dump/
+  adqueue results 2 --anomalous --top 20
+  adqueue sql "SELECT path, score FROM results WHERE is_anomaly ORDER BY score DESC"
+"""
+
+
+class _Group(click.Group):
+    """Turns our errors into one clear line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdqueueError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise click.ClickException(f"database error: {reason}") from None
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"database error: {exc}") from None
+
+
+@click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "database_url", metavar="URL", help="Database URL [env ADQUEUE_DATABASE_URL; "
+              "default: SQLite file in the data dir]. PostgreSQL: postgresql://user@host/db")
+@click.option("--broker", "broker_url", metavar="URL", help="Redis broker URL, e.g. redis://host:6379/0 "
+              "[env ADQUEUE_BROKER_URL; default: none = run in this process].")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where models, heat maps and the "
+              "SQLite file live [env ADQUEUE_DATA_DIR; default ./adqueue-data].")
+@click.option("--queue", help="Celery queue for jobs [env ADQUEUE_QUEUE; default gpu].")
+@click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
+@click.version_option(package_name="adqueue")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, broker_url: str | None, data_dir: str | None,
+        queue: str | None, verbose: bool) -> None:
+    """Visual anomaly detection as a batch service: train on defect-free images, score dumps
+    through Redis/Celery workers (or in this process), query results with SQL."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"options": {"database_url": database_url, "broker_url": broker_url,
+                           "data_dir": data_dir, "queue": queue}}
+
+
+def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+    options = {**ctx.find_root().obj["options"], **{k: v for k, v in overrides.items() if v is not None}}
+    return Settings.load(**options)
+
+
+def main() -> None:
+    from adqueue.cli import admin, inspect, submit  # noqa: F401 - registers the verbs
+
+    cli(prog_name="adqueue")
+
+
+from adqueue.cli import admin, inspect, submit  # noqa: E402,F401 - registers the verbs

@@ -1,0 +1,79 @@
+"""Operating verbs: worker, db, demo."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from adqueue.cli import cli, settings_from
+from adqueue.cli.output import info
+from adqueue.errors import ConfigError
+from adqueue.service.context import Context
+from adqueue.store.migrate import head_revision, upgrade
+from adqueue.store.session import Store
+
+
+@cli.command()
+@click.option("--queues", default=None, help="Comma-separated queues to consume [default: --queue, i.e. gpu].")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes. 1 = one solo process (one per GPU); >1 = a prefork pool (CPU hosts).")
+@click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda or cuda:N [env ADQUEUE_DEVICE].")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str | None, loglevel: str) -> None:
+    """Run a Celery worker that trains and scores jobs from Redis."""
+    settings = settings_from(ctx, device=device)
+    if settings.embedded:
+        raise ConfigError("a worker needs a broker: pass --broker redis://HOST:6379/0 or set ADQUEUE_BROKER_URL")
+    Context(settings).store  # noqa: B018 - fail now, clearly, if the database is unreachable
+    # Children (prefork) and the lazily built runtime read the same settings from the environment.
+    os.environ.update(settings.export_env())
+    os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)
+    from workers.app import make_app
+    from workers.producer import check_broker
+
+    check_broker(settings.broker_url or "")
+    app = make_app(settings)
+    argv = [
+        "worker",
+        f"--queues={queues or settings.queue}",
+        f"--concurrency={concurrency}",
+        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--hostname=adqueue-{os.getpid()}@%h",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create or upgrade the schema to the latest revision (other verbs do this on first use too)."""
+    settings = settings_from(ctx)
+    store = Store(settings.database_url)
+    store.check_reachable()
+    changed = upgrade(store)
+    info(f"{store.safe_url}: {'upgraded to' if changed else 'already at'} revision {head_revision()}")
+
+
+@cli.command()
+@click.option("--normal", default=60, show_default=True, type=click.IntRange(8, 2000),
+              help="Defect-free training images to generate.")
+@click.option("--dump", default=40, show_default=True, type=click.IntRange(4, 2000),
+              help="Images in the dump to score (about half with defects).")
+@click.option("--device", default=None, help="auto, cpu or cuda.")
+@click.pass_context
+def demo(ctx: click.Context, normal: int, dump: int, device: str | None) -> None:
+    """End to end on real textures: build a dataset with synthetic defects, train `mvg`, score a
+    dump, evaluate, and print the top anomalies from SQL with their heat maps."""
+    from adqueue.cli.demo import run_demo
+
+    run_demo(settings_from(ctx, device=device), n_normal=normal, n_dump=dump)

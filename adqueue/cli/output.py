@@ -1,0 +1,65 @@
+"""Printing data: a table for people, JSON or CSV for scripts. Messages go to stderr."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+FORMATS = ("table", "json", "csv")
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+    help="table for people; json or csv for scripts.",
+)
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, *, title: str | None = None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps([{c: _plain(row.get(c)) for c in columns} for row in rows], indent=2))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else _plain(row.get(c)) for c in columns])
+    else:
+        table = Table(title=title, show_edge=False, header_style="bold")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*("" if row.get(c) is None else str(_plain(row.get(c))) for c in columns))
+        Console(highlight=False, width=max(Console().width, 160)).print(table)
+
+
+def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps({k: _plain(v) for k, v in obj.items()}, indent=2))
+    elif fmt == "csv":
+        emit_rows([obj], list(obj), "csv")
+    else:
+        table = Table(title=title, show_header=False, show_edge=False)
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in obj.items():
+            table.add_row(key, "" if value is None else str(_plain(value)))
+        Console(highlight=False).print(table)
+
+
+def info(message: str) -> None:
+    stderr.print(message)

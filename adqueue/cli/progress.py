@@ -1,0 +1,83 @@
+"""Terminal progress bars (on stderr): in-process runs, and `--wait` polling a queued job."""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from adqueue.cli.output import stderr
+from adqueue.service.context import Context
+from adqueue.store.queries import job_summary
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=stderr,
+        transient=False,
+    )
+
+
+class TrainBar:
+    """Implements the detectors' Progress protocol: one bar per phase."""
+
+    def __init__(self) -> None:
+        self._progress = _bar()
+        self._task: int | None = None
+        self._progress.start()
+
+    def phase(self, name: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+        self._task = self._progress.add_task(name, total=total or None, info="")
+
+    def advance(self, n: int = 1, **info: float) -> None:
+        if self._task is not None:
+            text = " ".join(f"{key}={value:.4g}" for key, value in info.items())
+            self._progress.update(self._task, advance=n, **({"info": text} if text else {}))
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+class ScoreBar:
+    def __init__(self) -> None:
+        self._progress = _bar()
+        self._task: int | None = None
+
+    def start(self, total: int, description: str) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total or None, info="")
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=n)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def wait_for_job(ctx: Context, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> dict:
+    """Follow a queued job in SQL until it ends; returns its summary."""
+    started = time.monotonic()
+    with _bar() as progress:
+        task = progress.add_task(f"job {job_id}", total=None, info="")
+        while True:
+            with ctx.store.session() as session:
+                summary = job_summary(session, job_id)
+            total = summary["n_total"] or None
+            done = summary["n_done"] + (summary["n_failed"] if summary["kind"] != "train" else 0)
+            label = summary["phase"] if summary["kind"] == "train" and summary["phase"] else summary["status"]
+            progress.update(task, total=total, completed=done, info=label or "",
+                            description=f"{summary['kind']} job {job_id}")
+            if summary["status"] in ("done", "failed"):
+                return summary
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                return summary
+            time.sleep(poll_s)

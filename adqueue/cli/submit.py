@@ -1,0 +1,160 @@
+"""Submitting verbs: train, score, evaluate. Each prints the new job's id (or a JSON object)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from adqueue.cli import cli, settings_from
+from adqueue.cli.output import emit_object, format_option, info
+from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
+from adqueue.data.sources import SPLITS
+from adqueue.errors import AdqueueError
+from adqueue.service.context import Context
+from adqueue.service.dispatch import make_dispatcher
+from adqueue.service.submit import Submitted, submit_evaluate, submit_score, submit_train
+from adqueue.store.queries import job_metrics, job_summary
+
+DETECTORS = ("mvg",)
+
+wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
+                           "failed. (Without a broker the job always runs to the end right away.)")
+device_option = click.option("--device", default=None, help="auto, cpu, cuda or cuda:N for in-process runs "
+                             "[env ADQUEUE_DEVICE; default auto].")
+shard_option = click.option("--shard-size", default=256, show_default=True, type=int,
+                            help="Images per shard (one task). Keep a shard to seconds or minutes of work.")
+heatmaps_option = click.option("--heatmaps", type=click.Choice(["flagged", "all", "none"]), default="flagged",
+                               show_default=True, help="Which images get a PNG heat-map overlay.")
+split_option = click.option("--split", type=click.Choice(SPLITS), default=None,
+                            help="Rows of a manifest CSV / MVTec root to use.")
+
+
+def _parse_settings(pairs: tuple[str, ...], backbone: str | None) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise AdqueueError(f"--set expects KEY=VALUE, not {pair!r}")
+        settings[key.strip()] = value.strip()
+    if backbone:
+        settings["backbone"] = backbone
+    return settings
+
+
+def _run(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, Submitted]:
+    settings = settings_from(ctx, device=device)
+    context = Context(settings)
+    bars: list[Any] = []
+
+    def train_bar() -> TrainBar:
+        bars.append(TrainBar())
+        return bars[-1]
+
+    dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=ScoreBar)
+    try:
+        submitted = submit(context, dispatcher)
+    finally:
+        for bar in bars:
+            bar.stop()
+    return context, submitted
+
+
+def _finish(context: Context, submitted: Submitted, fmt: str, wait: bool) -> dict[str, Any]:
+    """Print the job id (or JSON), follow it when asked, and exit 1 if it failed."""
+    summary: dict[str, Any]
+    if context.settings.embedded or not wait:
+        with context.store.session() as session:
+            summary = job_summary(session, submitted.job_id)
+    else:
+        info(f"job {submitted.job_id} queued ({submitted.kind}); following it, Ctrl-C stops following only")
+        summary = wait_for_job(context, submitted.job_id)
+    metrics: dict[str, Any] = {}
+    if summary["kind"] == "evaluate" and summary["status"] in ("done", "failed"):
+        with context.store.session() as session:
+            metrics = job_metrics(session, submitted.job_id)
+    if fmt == "json":
+        emit_object({**submitted.as_dict(), **summary, **metrics}, "json")
+    else:
+        click.echo(submitted.job_id)
+        _describe(summary, metrics, fmt)
+    if summary["status"] == "failed":
+        info(f"[red]job {submitted.job_id} failed:[/red] {summary.get('error')}")
+        sys.exit(1)
+    return summary
+
+
+def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> None:
+    status = summary["status"]
+    if summary["kind"] == "train" and status == "done":
+        info(f"trained model [bold]{summary['model']}[/bold] (job {summary['job_id']})")
+    elif summary["kind"] in ("score", "evaluate"):
+        info(f"{summary['kind']} job {summary['job_id']}: {status}, {summary['n_done']} scored, "
+             f"{summary['n_failed']} failed of {summary['n_total']} in {summary['shards']} shard(s)")
+    if metrics:
+        emit_object(metrics, fmt, title="metrics")
+
+
+@cli.command()
+@click.option("--detector", type=click.Choice(DETECTORS), default="mvg", show_default=True,
+              help="Which detector to train.")
+@click.option("--data", required=True, help="Defect-free images: a folder, an MVTec root (train/good) or "
+              "a manifest CSV (rows of --split, default train).")
+@click.option("--name", required=True, help="Model name; each training adds a version (NAME:1, NAME:2, ...).")
+@click.option("--backbone", default=None, help="Pretrained backbone (default per detector, e.g. "
+              "efficientnet_lite0).")
+@click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="Detector or training setting, "
+              "repeatable: fpr=0.01 (target false-alarm rate), calib_fraction=0.2, seed=0, levels=3,4,5 ...")
+@split_option
+@device_option
+@wait_option
+@format_option
+@click.pass_context
+def train(ctx: click.Context, detector: str, data: str, name: str, backbone: str | None, pairs: tuple[str, ...],
+          split: str | None, device: str | None, wait: bool, fmt: str) -> None:
+    """Train a detector on defect-free images and register it as a new model version."""
+    settings = _parse_settings(pairs, backbone)
+    context, submitted = _run(ctx, device, lambda c, d: submit_train(
+        c, d, detector=detector, data=data, name=name, settings=settings, split=split))
+    _finish(context, submitted, fmt, wait)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--model", required=True, help="NAME (latest version) or NAME:VERSION.")
+@split_option
+@shard_option
+@heatmaps_option
+@device_option
+@wait_option
+@format_option
+@click.pass_context
+def score(ctx: click.Context, path: str, model: str, split: str | None, shard_size: int, heatmaps: str,
+          device: str | None, wait: bool, fmt: str) -> None:
+    """Score every file under PATH (a folder, MVTec root or manifest CSV) with a trained model.
+
+    Files that are not decodable images get a result row with an error; the job goes on."""
+    context, submitted = _run(ctx, device, lambda c, d: submit_score(
+        c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps))
+    _finish(context, submitted, fmt, wait)
+
+
+@cli.command()
+@click.option("--model", required=True, help="NAME (latest version) or NAME:VERSION.")
+@click.option("--data", required=True, help="Labeled images: an MVTec root or a manifest CSV.")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@shard_option
+@click.option("--heatmaps", type=click.Choice(["flagged", "all", "none"]), default="none", show_default=True,
+              help="Which images get a PNG heat-map overlay.")
+@device_option
+@wait_option
+@format_option
+@click.pass_context
+def evaluate(ctx: click.Context, model: str, data: str, split: str, shard_size: int, heatmaps: str,
+             device: str | None, wait: bool, fmt: str) -> None:
+    """Score a labeled test set and store image AUROC (per defect type too), pixel AUROC and PRO
+    where masks exist, and the false-alarm rate and recall at the model's threshold."""
+    context, submitted = _run(ctx, device, lambda c, d: submit_evaluate(
+        c, d, model=model, data=data, split=split, shard_size=shard_size, heatmaps=heatmaps))
+    _finish(context, submitted, fmt, wait)

@@ -1,0 +1,131 @@
+"""One Settings object, built from command-line flags and ADQUEUE_* environment variables.
+
+Precedence: an explicit flag, then the environment, then the default. An empty ADQUEUE_BROKER_URL
+means "no broker" (the embedded default), so a shell can switch a queue off without unsetting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from adqueue.errors import ConfigError
+
+ENV_PREFIX = "ADQUEUE_"
+DEFAULT_DATA_DIR = "./adqueue-data"
+DEFAULT_QUEUE = "gpu"
+DEFAULT_SHARD_SIZE = 256
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(ENV_PREFIX + name)
+    return value if value is not None and value.strip() != "" else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: str | None
+    queue: str = DEFAULT_QUEUE
+    device: str = "auto"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    batch_size: int = 32
+    # A message not acknowledged within this long is handed to another worker (a crashed one's).
+    visibility_timeout_s: int = 6 * 3600
+    retry_delay_s: float = 5.0  # first retry of a failed shard; later ones back off x4
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: the same service and task functions run in this process."""
+        return self.broker_url is None
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        database_url: str | None = None,
+        broker_url: str | None = None,
+        queue: str | None = None,
+        device: str | None = None,
+    ) -> Settings:
+        root = Path(data_dir or _env("DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
+        db = database_url or _env("DATABASE_URL") or f"sqlite:///{root / 'adqueue.db'}"
+        broker = broker_url if broker_url is not None else _env("BROKER_URL")
+        if broker is not None and broker.strip() == "":
+            broker = None
+        attempts = _env("MAX_ATTEMPTS")
+        batch = _env("BATCH_SIZE")
+        visibility = _env("VISIBILITY_TIMEOUT")
+        retry_delay = _env("RETRY_DELAY")
+        settings = cls(
+            data_dir=root,
+            database_url=db,
+            broker_url=broker,
+            queue=queue or _env("QUEUE") or DEFAULT_QUEUE,
+            device=device or _env("DEVICE") or "auto",
+            max_attempts=_positive_int("ADQUEUE_MAX_ATTEMPTS", attempts, DEFAULT_MAX_ATTEMPTS),
+            batch_size=_positive_int("ADQUEUE_BATCH_SIZE", batch, 32),
+            visibility_timeout_s=_positive_int("ADQUEUE_VISIBILITY_TIMEOUT", visibility, 6 * 3600),
+            retry_delay_s=_positive_float("ADQUEUE_RETRY_DELAY", retry_delay, 5.0),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not (self.database_url.startswith("sqlite") or self.database_url.startswith("postgresql")):
+            raise ConfigError(
+                f"unsupported database URL {self.database_url!r}: use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST/DB"
+            )
+        if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"unsupported broker URL {self.broker_url!r}: use redis://HOST:PORT/DB")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def with_overrides(self, **changes: object) -> Settings:
+        updated = replace(self, **changes)  # type: ignore[arg-type]
+        updated.validate()
+        return updated
+
+    def export_env(self) -> dict[str, str]:
+        """The environment that makes a child process (a worker) load these same settings."""
+        env = {
+            "ADQUEUE_DATA_DIR": str(self.data_dir),
+            "ADQUEUE_DATABASE_URL": self.database_url,
+            "ADQUEUE_BROKER_URL": self.broker_url or "",
+            "ADQUEUE_QUEUE": self.queue,
+            "ADQUEUE_DEVICE": self.device,
+            "ADQUEUE_MAX_ATTEMPTS": str(self.max_attempts),
+            "ADQUEUE_BATCH_SIZE": str(self.batch_size),
+            "ADQUEUE_VISIBILITY_TIMEOUT": str(self.visibility_timeout_s),
+            "ADQUEUE_RETRY_DELAY": str(self.retry_delay_s),
+        }
+        return env
+
+
+def _positive_int(name: str, raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, not {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, not {raw!r}")
+    return value
+
+
+def _positive_float(name: str, raw: str | None, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive number, not {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+    return value

@@ -1,0 +1,100 @@
+"""Safe decoding of one image file: bytes in, a resized array out, or an ImageError.
+
+Everything here runs in decode threads: Pillow releases the GIL while it decodes and resizes, so
+a small thread pool keeps the model busy without a process pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from adqueue.errors import ImageError
+
+# A factory image is rarely past 100 MP; anything bigger is more likely a decompression bomb.
+MAX_PIXELS = 120_000_000
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_SIGNATURES = {
+    b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+    b"GIF8": "GIF", b"RIFF": "WebP",
+}
+
+
+def _claimed_format(data: bytes) -> str | None:
+    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # uint8, [H, W, C] with C = 1 or 3, at the requested size
+    width: int  # of the file, before resizing
+    height: int
+    sha256: str
+
+
+def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None) -> DecodedImage:
+    """Decode `path` to `channels` (1 or 3) and resize to `size` (width, height) if given."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    image = decode_bytes(data, channels=channels)
+    width, height = image.size
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest)
+
+
+def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"image too large: {image.width}x{image.height}")
+            image.load()
+    except UnidentifiedImageError:
+        claimed = _claimed_format(data)
+        if claimed:
+            raise ImageError(f"corrupt {claimed} file: cannot be decoded") from None
+        raise ImageError("not an image (unknown or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt image: {exc}") from None
+    return _to_channels(image, channels)
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Industrial cameras write 12/16-bit grey; scale to 8 bits rather than clip.
+        wide = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if wide.max() > 4095 else 4095.0
+        image = Image.fromarray(np.clip(wide / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if channels == 1:
+        return image.convert("L")
+    if channels == 3:
+        return image.convert("RGB")
+    raise ValueError(f"channels must be 1 or 3, not {channels}")
+
+
+def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as a boolean [H, W] array at `size` (width, height)."""
+    try:
+        with Image.open(path) as image:
+            mask = image.convert("L").resize(size, Image.Resampling.NEAREST)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ImageError(f"cannot read mask {path}: {exc}") from None
+    return np.asarray(mask) > 127

@@ -1,0 +1,92 @@
+"""Multivariate Gaussian statistics on deep features: OPCA, Ledoit-Wolf, Mahalanobis.
+
+OPCA (Wang et al. 2022) is PCA turned around: keep the principal components with the *least*
+variance, those whose eigenvalues add up to a given fraction of the total. Normal images barely
+move along these directions, so a defect that does stands out. The Gaussian is then fitted in that
+subspace with Ledoit-Wolf shrinkage, which keeps the covariance invertible when the training set
+is small next to the feature dimension.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from torch import Tensor, nn
+
+
+def opca_basis(features: np.ndarray, variance_fraction: float | None) -> np.ndarray:
+    """Orthonormal basis [D, K] of the least-variance principal components.
+
+    `variance_fraction` is the share of the total variance the kept components may carry
+    (the paper's default is 0.05); None keeps every component (the identity basis).
+    """
+    dim = features.shape[1]
+    if variance_fraction is None or variance_fraction >= 1.0:
+        return np.eye(dim)
+    if not 0.0 < variance_fraction < 1.0:
+        raise ValueError(f"variance fraction must be in (0, 1], not {variance_fraction}")
+    centered = features - features.mean(axis=0, keepdims=True)
+    covariance = centered.T @ centered / max(len(features) - 1, 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    cumulative = np.cumsum(eigenvalues) / max(eigenvalues.sum(), np.finfo(np.float64).tiny)
+    keep = max(1, int(np.searchsorted(cumulative, variance_fraction, side="right")))
+    return eigenvectors[:, :keep]
+
+
+def fit_gaussian(
+    features: np.ndarray, variance_fraction: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean [D], OPCA basis [D, K] and Ledoit-Wolf precision [K, K] of `features` [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError("a Gaussian needs at least two training samples")
+    mean = features.mean(axis=0)
+    basis = opca_basis(features, variance_fraction)
+    projected = (features - mean) @ basis
+    estimator = LedoitWolf(assume_centered=True).fit(projected)
+    return mean, basis, estimator.precision_
+
+
+class GaussianScorer(nn.Module):
+    """Mahalanobis distance to one fitted Gaussian, for feature vectors on the last axis.
+
+    Statistics are kept and applied in float64: the least-variance directions OPCA keeps carry
+    tiny differences that float32 cancellation would drown.
+    """
+
+    _BUFFERS = ("mean", "basis", "precision")
+
+    def __init__(self, dim: int = 0, kept: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("basis", torch.zeros(dim, kept, dtype=torch.float64))
+        self.register_buffer("precision", torch.zeros(kept, kept, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # The kept dimension is only known after fitting: take the shapes from the saved state.
+        for name in self._BUFFERS:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                self._buffers[name] = torch.empty_like(saved, dtype=torch.float64, device=self.mean.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, variance_fraction: float | None) -> GaussianScorer:
+        mean, basis, precision = fit_gaussian(features, variance_fraction)
+        scorer = cls(basis.shape[0], basis.shape[1])
+        scorer.mean.copy_(torch.from_numpy(mean))
+        scorer.basis.copy_(torch.from_numpy(basis))
+        scorer.precision.copy_(torch.from_numpy(precision))
+        return scorer
+
+    @property
+    def kept(self) -> int:
+        return int(self.basis.shape[1])
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Mahalanobis distance (not squared) for `features` [..., D] -> [...]."""
+        z = (features.to(torch.float64) - self.mean) @ self.basis
+        squared = ((z @ self.precision) * z).sum(dim=-1)
+        return squared.clamp_min(0.0).sqrt().to(features.dtype)

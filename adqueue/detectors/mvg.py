@@ -1,0 +1,147 @@
+"""`mvg`: a multivariate Gaussian on pretrained deep features, with OPCA.
+
+Seed paper: M. Wang, H. Xu, Y. Chen, "Build Gaussian Distribution Under Deep Features for Anomaly
+Detection and Localization", Journal of New Media 4(4), 2022.
+
+Detection: each chosen backbone level is global-average-pooled; per level, OPCA keeps the
+least-variance principal components and a Ledoit-Wolf Gaussian is fitted there; the image score is
+the sum over levels of the Mahalanobis distances. Localization: the same recipe on the per-location
+feature vectors of the map levels gives an h x w Mahalanobis map per level; maps are upsampled
+bilinearly to the input size and averaged over levels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from adqueue.detectors.base import Detector, FitReport, NullProgress, Preprocess, Progress, Scores
+from adqueue.detectors.components.backbones import check_levels, load_backbone
+from adqueue.detectors.components.gaussian import GaussianScorer
+from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
+
+
+@dataclass
+class MVGConfig:
+    # The paper's EfficientNet-B4 needs hub weights; Lite2 at its native 260 px is the deepest
+    # EfficientNet that installs offline, and depth matters here (see README: Lite0 0.94, Lite2
+    # 0.96 image AUROC on MTD with the same levels).
+    backbone: str = "efficientnet_lite2"
+    image_size: int = 260
+    # EfficientNet levels: 0 stem, 1-7 MBConv stages, 8 head. The paper uses the middle of the
+    # network, levels 3-7, where features are generic rather than ImageNet-specific.
+    levels: tuple[int, ...] = (3, 4, 5, 6, 7)
+    # Localization: location Gaussians on these levels (levels 3-5 localize best on MTD).
+    map_levels: tuple[int, ...] = (3, 4, 5)
+    # OPCA: share of the variance carried by the kept least-variance components (paper: 0.05;
+    # 0.01-0.03 is the plateau on MTD). None ("all") keeps every component, the paper's advice
+    # for shallow networks such as resnet18.
+    variance: float | None = 0.02
+    map_variance: float | None = 0.1
+    local_samples: int = 64  # location vectors per image and level for the map Gaussians
+    map_sigma: float = 4.0  # Gaussian blur of the anomaly map, in input pixels
+    batch_size: int = 32
+    seed: int = 0
+
+
+class MVGDetector(Detector):
+    name = "mvg"
+    Config = MVGConfig
+    frozen_prefixes = ("backbone.",)
+
+    def __init__(self, config: MVGConfig) -> None:
+        super().__init__(config)
+        self.backbone = load_backbone(config.backbone)
+        self._all_levels = sorted(set(config.levels) | set(config.map_levels))
+        self.image_gaussians = nn.ModuleList(GaussianScorer() for _ in config.levels)
+        self.map_gaussians = nn.ModuleList(GaussianScorer() for _ in config.map_levels)
+
+    @classmethod
+    def validate_config(cls, config: MVGConfig) -> None:
+        check_levels(config.backbone, config.levels)
+        check_levels(config.backbone, config.map_levels)
+        for name in ("variance", "map_variance"):
+            value = getattr(config, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] or 'all', not {value}")
+        if config.local_samples < 1 or config.batch_size < 1 or config.image_size < 32:
+            raise ValueError("local_samples and batch_size must be >= 1 and image_size >= 32")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.config.image_size, channels=3)
+
+    def backbone_identity(self) -> dict[str, str]:
+        return {"name": self.backbone.name, "sha256": self.backbone.weights.sha256}
+
+    def _features(self, batch: Tensor) -> dict[int, Tensor]:
+        maps = self.backbone(batch.to(self.device), self._all_levels)
+        return dict(zip(self._all_levels, maps, strict=True))
+
+    @torch.no_grad()
+    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
+        progress = progress or NullProgress()
+        started = time.perf_counter()
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        pooled: dict[int, list[np.ndarray]] = {level: [] for level in cfg.levels}
+        local: dict[int, list[np.ndarray]] = {level: [] for level in cfg.map_levels}
+        loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=False)
+        progress.phase("extracting features", len(images))  # type: ignore[arg-type]
+        for batch in loader:
+            features = self._features(batch)
+            for level in cfg.levels:
+                pooled[level].append(features[level].mean(dim=(2, 3)).double().cpu().numpy())
+            for level in cfg.map_levels:
+                local[level].append(_sample_locations(features[level], cfg.local_samples, generator))
+            progress.advance(len(batch))
+        progress.phase("fitting Gaussians", len(cfg.levels) + len(cfg.map_levels))
+        kept: dict[str, int] = {}
+        for index, level in enumerate(cfg.levels):
+            scorer = GaussianScorer.fit(np.concatenate(pooled[level]), cfg.variance).to(self.device)
+            self.image_gaussians[index] = scorer
+            kept[f"level{level}"] = scorer.kept
+            progress.advance()
+        for index, level in enumerate(cfg.map_levels):
+            scorer = GaussianScorer.fit(np.concatenate(local[level]), cfg.map_variance).to(self.device)
+            self.map_gaussians[index] = scorer
+            kept[f"map_level{level}"] = scorer.kept
+            progress.advance()
+        return FitReport(
+            n_images=len(images),  # type: ignore[arg-type]
+            seconds=time.perf_counter() - started,
+            info={"kept_components": kept},
+        )
+
+    @torch.no_grad()
+    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
+        cfg = self.config
+        features = self._features(batch)
+        image = torch.zeros(batch.shape[0], device=self.device)
+        for scorer, level in zip(self.image_gaussians, cfg.levels, strict=True):
+            image += scorer(features[level].mean(dim=(2, 3)))
+        maps = None
+        if with_maps:
+            per_level = [
+                scorer(features[level].permute(0, 2, 3, 1))
+                for scorer, level in zip(self.map_gaussians, cfg.map_levels, strict=True)
+            ]
+            maps = upsample_maps(per_level, batch.shape[-2:]).mean(dim=0)
+            maps = gaussian_blur(maps, cfg.map_sigma)
+        return Scores(image=image.cpu(), maps=None if maps is None else maps.cpu())
+
+
+def _sample_locations(features: Tensor, per_image: int, generator: torch.Generator) -> np.ndarray:
+    """`per_image` random location vectors [B * n, C] from a [B, C, h, w] feature map."""
+    batch, channels, height, width = features.shape
+    flat = features.flatten(2).transpose(1, 2)  # [B, h*w, C]
+    count = min(per_image, height * width)
+    picks = torch.stack([torch.randperm(height * width, generator=generator)[:count] for _ in range(batch)])
+    chosen = torch.gather(flat, 1, picks.to(flat.device)[:, :, None].expand(-1, -1, channels))
+    return chosen.reshape(-1, channels).double().cpu().numpy()

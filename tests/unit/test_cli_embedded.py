@@ -1,0 +1,112 @@
+"""The CLI on the embedded default (no broker): the whole job flow in this process, plus errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from adqueue.cli import cli
+from tests.conftest import FAST_MVG
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded")
+
+
+def invoke(data_dir: Path, *args: str, ok: bool = True):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(cli, ["--data-dir", str(data_dir), *args], env={"ADQUEUE_BROKER_URL": ""},
+                                catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir: Path, textures) -> dict:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    out = invoke(data_dir, "train", "--data", str(root), "--name", "bricks", *FAST_MVG, "--format", "json")
+    return json.loads(out.stdout)
+
+
+def test_train_registers_a_version(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+    assert trained["status"] == "done" and trained["model"] == "bricks:1" and trained["job_id"] >= 1
+    models = json.loads(invoke(data_dir, "models", "--format", "json").stdout)
+    assert [m["model"] for m in models] == ["bricks:1"] and models[0]["threshold"] > 0
+    again = json.loads(invoke(data_dir, "train", "--data", str(textures[0]), "--name", "bricks", *FAST_MVG,
+                              "--format", "json").stdout)
+    assert again["model"] == "bricks:2"
+
+
+def test_score_a_dump_with_broken_files(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+    _, dump = textures
+    out = invoke(data_dir, "score", "--model", "bricks:1", str(dump), "--shard-size", "5", "--heatmaps", "all")
+    job_id = int(out.stdout.splitlines()[0])
+    rows = json.loads(invoke(data_dir, "results", str(job_id), "--format", "json").stdout)
+    files = sorted(p.name for p in dump.iterdir())
+    assert sorted(Path(r["path"]).name for r in rows) == files  # one row per file, none lost
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"line3_corrupt.png", "operator_notes.txt"}
+    assert "corrupt PNG" in errors["line3_corrupt.png"] and "not an image" in errors["operator_notes.txt"]
+    scored = [r for r in rows if not r["error"]]
+    assert all(Path(r["heatmap_path"]).is_file() for r in scored)
+    assert [r["score"] for r in scored] == sorted((r["score"] for r in scored), reverse=True)
+    # painted defects are the odd indices of the dump; they should dominate the top of the ranking
+    top = [int(Path(r["path"]).stem.split("_")[1]) % 2 for r in scored[:4]]
+    assert sum(top) >= 3
+    job = json.loads(invoke(data_dir, "jobs", str(job_id), "--format", "json").stdout)
+    assert job["status"] == "done" and job["n_total"] == len(files) and job["n_failed"] == 2
+    assert job["shards"] == 4 and job["shards_done"] == 4
+
+
+def test_evaluate_prints_and_stores_metrics(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    out = json.loads(invoke(data_dir, "evaluate", "--model", "bricks:1", "--data", str(root),
+                            "--format", "json").stdout)
+    assert out["status"] == "done"
+    assert out["image_auroc"] > 0.9 and out["pixel_auroc"] > 0.85 and 0 < out["pro"] <= 1
+    assert {"image_auroc[scratch]", "image_auroc[stain]", "image_auroc[gravel]", "false_alarm_rate",
+            "recall"} <= set(out)
+    stored = json.loads(invoke(data_dir, "sql", "SELECT name, value FROM metrics WHERE job_id = "
+                               f"{out['job_id']} AND name = 'image_auroc'", "--format", "json").stdout)
+    assert stored == [{"name": "image_auroc", "value": pytest.approx(out["image_auroc"])}]
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM results",
+    "INSERT INTO metrics (model_id, name, value, created_at) VALUES (1, 'x', 1, '2020-01-01')",
+    "DROP TABLE jobs",
+    "SELECT 1; DELETE FROM results",
+    "PRAGMA query_only = OFF",
+    "WITH x AS (SELECT 1) DELETE FROM results",
+])
+def test_sql_is_read_only(data_dir: Path, trained: dict, statement: str) -> None:
+    before = invoke(data_dir, "sql", "SELECT count(*) AS n FROM models", "--format", "json").stdout
+    result = invoke(data_dir, "sql", statement, ok=False)
+    assert result.exit_code != 0 and "read-only" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert invoke(data_dir, "sql", "SELECT count(*) AS n FROM models", "--format", "json").stdout == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["score", "--model", "nope", "."], "no model nope"),
+    (["score", "--model", "bricks:9", "."], "no model bricks:9"),
+    (["score", "--model", "bricks", "/does/not/exist"], "no such file"),
+    (["train", "--data", ".", "--name", "x", "--set", "levels=99"], "levels 0-8"),
+    (["train", "--data", ".", "--name", "x", "--set", "bogus=1"], "unknown setting"),
+    (["train", "--data", ".", "--name", "bad name!"], "invalid model name"),
+    (["jobs", "999"], "no job 999"),
+    (["--db", "mysql://x/y", "jobs"], "unsupported database URL"),
+])
+def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: list[str], message: str) -> None:
+    result = invoke(data_dir, *args, ok=False)
+    assert result.exit_code != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_verb_has_help() -> None:
+    for verb in ["train", "score", "evaluate", "jobs", "results", "models", "sql", "worker", "db", "demo"]:
+        result = CliRunner().invoke(cli, [verb, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
