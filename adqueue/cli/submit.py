@@ -11,13 +11,12 @@ from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
 from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
 from adqueue.data.sources import SPLITS
+from adqueue.detectors import registry
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
 from adqueue.service.dispatch import make_dispatcher
 from adqueue.service.submit import Submitted, submit_evaluate, submit_score, submit_train
 from adqueue.store.queries import job_metrics, job_summary
-
-DETECTORS = ("mvg",)
 
 wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
                            "failed. (Without a broker the job always runs to the end right away.)")
@@ -97,7 +96,7 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
 
 
 @cli.command()
-@click.option("--detector", type=click.Choice(DETECTORS), default="mvg", show_default=True,
+@click.option("--detector", type=click.Choice(registry.names()), default="mvg", show_default=True,
               help="Which detector to train.")
 @click.option("--data", required=True, help="Defect-free images: a folder, an MVTec root (train/good) or "
               "a manifest CSV (rows of --split, default train).")
