@@ -121,6 +121,8 @@ class MVGDetector(Detector):
 
     @torch.no_grad()
     def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
+        if any(g.kept == 0 for g in self.image_gaussians):
+            raise RuntimeError("the mvg detector is not fitted: call fit() or load a trained state first")
         cfg = self.config
         features = self._features(batch)
         image = torch.zeros(batch.shape[0], device=self.device)

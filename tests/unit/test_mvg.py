@@ -72,3 +72,8 @@ def test_settings_are_validated() -> None:
         registry.create("mvg", {**FAST, "levels": "3,12"})
     config = registry.create("mvg", {**FAST, "variance": "all"}).config
     assert config.variance is None and config.levels == (3, 4, 5, 6)
+
+
+def test_unfitted_detector_says_so() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        registry.create("mvg", FAST).score(torch.zeros(1, 3, 128, 128))
