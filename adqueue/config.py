@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from adqueue.errors import ConfigError
 
@@ -67,10 +68,10 @@ class Settings:
             broker_url=broker,
             queue=queue or _env("QUEUE") or DEFAULT_QUEUE,
             device=device or _env("DEVICE") or "auto",
-            max_attempts=_positive_int("ADQUEUE_MAX_ATTEMPTS", attempts, DEFAULT_MAX_ATTEMPTS),
-            batch_size=_positive_int("ADQUEUE_BATCH_SIZE", batch, 32),
-            visibility_timeout_s=_positive_int("ADQUEUE_VISIBILITY_TIMEOUT", visibility, 6 * 3600),
-            retry_delay_s=_positive_float("ADQUEUE_RETRY_DELAY", retry_delay, 5.0),
+            max_attempts=_positive("ADQUEUE_MAX_ATTEMPTS", attempts, DEFAULT_MAX_ATTEMPTS),
+            batch_size=_positive("ADQUEUE_BATCH_SIZE", batch, 32),
+            visibility_timeout_s=_positive("ADQUEUE_VISIBILITY_TIMEOUT", visibility, 6 * 3600),
+            retry_delay_s=_positive("ADQUEUE_RETRY_DELAY", retry_delay, 5.0, float),
         )
         settings.validate()
         return settings
@@ -107,25 +108,15 @@ class Settings:
         return env
 
 
-def _positive_int(name: str, raw: str | None, default: int) -> int:
+def _positive(name: str, raw: str | None, default: float, cast: type = int) -> Any:
+    """`raw` parsed with `cast` (int or float) and checked > 0; `default` when unset."""
     if raw is None:
         return default
+    what = "integer" if cast is int else "number"
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, not {raw!r}") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be a positive integer, not {raw!r}")
-    return value
-
-
-def _positive_float(name: str, raw: str | None, default: float) -> float:
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive number, not {raw!r}") from None
+        value = 0
     if value <= 0:
-        raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+        raise ConfigError(f"{name} must be a positive {what}, not {raw!r}")
     return value

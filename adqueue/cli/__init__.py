@@ -41,6 +41,9 @@ class _Group(click.Group):
             raise click.ClickException(f"database error: {reason}") from None
         except SQLAlchemyError as exc:
             raise click.ClickException(f"database error: {exc}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

@@ -64,7 +64,17 @@ class ScoreBar:
 
 
 def wait_for_job(ctx: Context, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> dict:
-    """Follow a queued job in SQL until it ends; returns its summary."""
+    """Follow a queued job in SQL until it ends; returns its summary.
+
+    Ctrl-C stops following only: the job goes on in the workers."""
+    try:
+        return _follow(ctx, job_id, poll_s=poll_s, timeout_s=timeout_s)
+    except KeyboardInterrupt:
+        stderr.print(f"stopped following job {job_id}; it goes on in the workers (adqueue jobs {job_id})")
+        raise
+
+
+def _follow(ctx: Context, job_id: int, *, poll_s: float, timeout_s: float | None) -> dict:
     started = time.monotonic()
     with _bar() as progress:
         task = progress.add_task(f"job {job_id}", total=None, info="")

@@ -18,7 +18,8 @@ from adqueue.service.context import Context
 from adqueue.service.models import ModelCache, resolve_device
 from adqueue.service.scoring import ShardOutcome, run_shard
 from adqueue.service.training import run_train_job
-from adqueue.store.models import Job, JobKind, Shard, ShardStatus
+from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
+from adqueue.store.writes import end_job
 
 
 class Dispatcher(Protocol):
@@ -61,6 +62,15 @@ class InlineDispatcher:
         pass
 
     def after_submit(self, job_id: int) -> None:
+        try:
+            self._run(job_id)
+        except KeyboardInterrupt:
+            # Nobody else will pick this job up: say so in SQL rather than leave it "running".
+            with self.ctx.store.session() as session:
+                end_job(session, job_id, status=JobStatus.FAILED, error="interrupted (Ctrl-C) in the submitting process")
+            raise
+
+    def _run(self, job_id: int) -> None:
         with self.ctx.store.session() as session:
             job = session.get_one(Job, job_id)
             kind, total = job.kind, job.n_total

@@ -201,6 +201,7 @@ def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], 
 def _save_eval_maps(ctx: Context, claimed: ClaimedShard, output: ScoredItems) -> None:
     assert output.maps is not None
     paths = list(output.maps)
+    maps = np.stack([output.maps[p] for p in paths]) if paths else np.zeros((0, 1, 1), dtype=np.float16)
     buffer = io.BytesIO()
-    np.savez(buffer, paths=np.array(paths), maps=np.stack([output.maps[p] for p in paths]) if paths else np.zeros((0, 1, 1)))
+    np.savez(buffer, paths=np.array(paths), maps=maps, shape=np.array(maps.shape))
     atomic_write_bytes(ctx.data_dir.eval_maps_file(claimed.job_id, claimed.seq), buffer.getvalue())

@@ -76,3 +76,19 @@ def test_calibrate_threshold_bounds_the_false_alarm_rate() -> None:
         calibrate_threshold(scores, 1.5)
     rates = rates_at_threshold(np.array([0, 0, 1, 1]), np.array([1.0, 3.0, 2.5, 4.0]), 2.0)
     assert rates.false_alarm_rate == 0.5 and rates.recall == 1.0
+
+
+def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from adqueue.service import evaluation
+
+    for seq in range(2):
+        buffer = io.BytesIO()
+        np.savez(buffer, paths=np.array(["a", "b"]), maps=np.zeros((2, 100, 100), np.float16),
+                 shape=np.array([2, 100, 100]))
+        (tmp_path / f"shard{seq:06d}.npz").write_bytes(buffer.getvalue())
+    files = sorted(tmp_path.glob("shard*.npz"))
+    assert evaluation._stride(files) == 1
+    monkeypatch.setattr(evaluation, "PIXEL_BUDGET", 10_000)
+    assert evaluation._stride(files) == 2  # 40,000 pixels -> every 2nd row and column

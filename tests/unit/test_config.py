@@ -1,0 +1,44 @@
+"""Settings: flags over environment over defaults, and clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from adqueue.config import Settings
+from adqueue.errors import ConfigError
+
+
+def test_defaults_are_embedded_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("DATA_DIR", "DATABASE_URL", "BROKER_URL", "QUEUE", "DEVICE"):
+        monkeypatch.delenv(f"ADQUEUE_{key}", raising=False)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.load()
+    assert settings.embedded and settings.data_dir == tmp_path / "adqueue-data"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'adqueue-data' / 'adqueue.db'}"
+    assert settings.queue == "gpu" and settings.max_attempts == 3
+
+
+def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ADQUEUE_BROKER_URL", "redis://envhost:6379/0")
+    monkeypatch.setenv("ADQUEUE_QUEUE", "cpu")
+    monkeypatch.setenv("ADQUEUE_RETRY_DELAY", "0.5")
+    settings = Settings.load(broker_url="redis://flaghost:6379/1", data_dir=tmp_path)
+    assert settings.broker_url == "redis://flaghost:6379/1" and settings.queue == "cpu"
+    assert settings.retry_delay_s == 0.5
+    monkeypatch.setenv("ADQUEUE_BROKER_URL", "")
+    assert Settings.load(data_dir=tmp_path).embedded  # an empty value switches the queue off
+    child = Settings.load(data_dir=tmp_path).export_env()
+    assert child["ADQUEUE_DATA_DIR"] == str(tmp_path) and child["ADQUEUE_BROKER_URL"] == ""
+
+
+@pytest.mark.parametrize(("env", "value", "message"), [
+    ("ADQUEUE_MAX_ATTEMPTS", "zero", "positive integer"),
+    ("ADQUEUE_MAX_ATTEMPTS", "0", "positive integer"),
+    ("ADQUEUE_RETRY_DELAY", "-1", "positive number"),
+    ("ADQUEUE_DEVICE", "tpu", "unknown device"),
+    ("ADQUEUE_BROKER_URL", "amqp://x", "unsupported broker"),
+])
+def test_bad_settings_are_clear(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: str, value: str, message: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(data_dir=tmp_path)
