@@ -7,7 +7,9 @@ COPY adqueue adqueue
 COPY workers workers
 COPY migrations migrations
 RUN pip install --no-cache-dir .
-ENV ADQUEUE_DATA_DIR=/data
+ENV ADQUEUE_DATA_DIR=/data \
+    MALLOC_MMAP_THRESHOLD_=4294967296 \
+    MALLOC_TRIM_THRESHOLD_=4294967296
 VOLUME ["/data"]
 ENTRYPOINT ["adqueue"]
 CMD ["--help"]

@@ -73,8 +73,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 def main() -> None:
-    from adqueue.cli import admin, inspect, submit  # noqa: F401 - registers the verbs
+    from adqueue.malloc_tuning import reexec_with_malloc_tuning
 
+    reexec_with_malloc_tuning()
     cli(prog_name="adqueue")
 
 

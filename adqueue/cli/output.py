@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = ("table", "json", "csv")
 format_option = click.option(
@@ -42,8 +43,8 @@ def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, 
         table = Table(title=title, show_edge=False, header_style="bold")
         for column in columns:
             table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*("" if row.get(c) is None else str(_plain(row.get(c))) for c in columns))
+        for row in rows:  # Text(): values such as "image_auroc[crack]" are data, not markup
+            table.add_row(*(Text("" if row.get(c) is None else str(_plain(row.get(c)))) for c in columns))
         Console(highlight=False, width=max(Console().width, 160)).print(table)
 
 
@@ -57,7 +58,7 @@ def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> N
         table.add_column("key", style="bold")
         table.add_column("value", overflow="fold")
         for key, value in obj.items():
-            table.add_row(key, "" if value is None else str(_plain(value)))
+            table.add_row(Text(key), Text("" if value is None else str(_plain(value))))
         Console(highlight=False).print(table)
 
 

@@ -137,6 +137,7 @@ def _train(
     calib_pixels, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images")
     with ctx.store.session() as session:
         session.execute(update(Job).where(Job.id == job_id).values(n_failed=failed + calib_failed))
+    n_images = len(fit_pixels) + len(calib_pixels)
     if len(fit_pixels) < 2:
         raise AdqueueError(f"only {len(fit_pixels)} readable training image(s) in {source_spec}: need at least 2")
     started = time.perf_counter()
@@ -154,7 +155,11 @@ def _train(
                 "losses": report.losses[-20:], **report.info},
         "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample},
     }
-    return _register(ctx, job_id, params, detector, extra, train_settings)
+    model_id = _register(ctx, job_id, params, detector, extra, train_settings)
+    with ctx.store.session() as session:  # the job's counts: images trained and calibrated on
+        session.execute(update(Job).where(Job.id == job_id).values(n_total=n_images + failed + calib_failed,
+                                                                     n_done=n_images))
+    return model_id
 
 
 def _training_items(spec: str, split: str | None, max_images: int) -> list[Item]:
