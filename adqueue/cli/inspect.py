@@ -6,6 +6,7 @@ import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, emit_rows, format_option
+from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
 from adqueue.store import queries
 
@@ -78,3 +79,33 @@ def sql(ctx: click.Context, statement: str, max_rows: int | None, fmt: str) -> N
     context.store  # noqa: B018 - make sure the schema exists before the first query
     columns, rows = queries.run_read_only(context.settings.database_url, statement, max_rows=max_rows)
     emit_rows([dict(zip(columns, row, strict=True)) for row in rows], columns, fmt)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@format_option
+def detectors(name: str | None, fmt: str) -> None:
+    """The detectors and their `--set` settings with defaults (all of them, or NAME's)."""
+    import dataclasses
+    import sys
+
+    from adqueue.detectors import registry
+    from adqueue.service.training import TRAIN_KEYS
+
+    rows = []
+    for detector in [name] if name else registry.names():
+        try:
+            cls = registry.detector_class(detector)
+        except ValueError as exc:
+            raise AdqueueError(str(exc)) from None
+        summary = ((sys.modules[cls.__module__].__doc__ or "").strip().splitlines() or [""])[0]
+        for item in dataclasses.fields(cls.Config):
+            if item.name in TRAIN_KEYS:
+                continue  # set through the training key of the same name
+            default = item.default if item.default is not dataclasses.MISSING else None
+            if isinstance(default, tuple):
+                default = ",".join(str(v) for v in default)
+            rows.append({"detector": detector, "setting": item.name, "default": default, "about": summary})
+    rows += [{"detector": "(training)", "setting": key, "default": value, "about": "any detector"}
+             for key, value in TRAIN_KEYS.items()]
+    emit_rows(rows, ["detector", "setting", "default"] + (["about"] if fmt != "table" else []), fmt)

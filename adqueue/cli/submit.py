@@ -104,7 +104,8 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
 @click.option("--backbone", default=None, help="Pretrained backbone (default per detector, e.g. "
               "efficientnet_lite0).")
 @click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="Detector or training setting, "
-              "repeatable: fpr=0.01 (target false-alarm rate), calib_fraction=0.2, seed=0, levels=3,4,5 ...")
+              "repeatable: fpr=0.01 (target false-alarm rate), calib_fraction=0.2, seed=0, levels=3,4,5 ... "
+              "`adqueue detectors` lists every setting and its default.")
 @split_option
 @device_option
 @wait_option

@@ -87,6 +87,14 @@ def split_train_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict
     return train, detector
 
 
+def with_seed(detector: str, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One `--set seed=N` seeds the holdout split and, if it has a `seed` setting, the detector."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(registry.detector_class(detector).Config)}
+    return {**settings, "seed": seed} if "seed" in fields else settings
+
+
 def run_train_job(ctx: Context, job_id: int, *, progress: Progress, device: torch.device) -> TrainOutcome:
     if not _claim(ctx, job_id):
         return TrainOutcome.SKIPPED
@@ -130,7 +138,8 @@ def _train(
 ) -> int:
     train_settings, detector_settings = split_train_settings(params.get("settings", {}))
     torch.manual_seed(train_settings["seed"])
-    detector = registry.create(params["detector"], detector_settings).to(device)
+    detector = registry.create(params["detector"], with_seed(params["detector"], detector_settings,
+                                                             train_settings["seed"])).to(device)
     items = _training_items(source_spec, params.get("split"), train_settings["max_images"])
     fit_items, calib_items = _holdout(items, train_settings["calib_fraction"], train_settings["seed"])
     fit_pixels, failed = _load_pixels(fit_items, detector, progress)

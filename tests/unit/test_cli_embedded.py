@@ -110,3 +110,12 @@ def test_every_verb_has_help() -> None:
     for verb in ["train", "score", "evaluate", "jobs", "results", "models", "sql", "worker", "db", "demo"]:
         result = CliRunner().invoke(cli, [verb, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
+
+
+def test_detectors_lists_settings_with_defaults(data_dir: Path) -> None:
+    rows = json.loads(invoke(data_dir, "detectors", "--format", "json").stdout)
+    mvg = {r["setting"]: r["default"] for r in rows if r["detector"] == "mvg"}
+    assert mvg["backbone"] == "efficientnet_lite2" and mvg["levels"] == "3,4,5,6,7"
+    assert {r["setting"] for r in rows if r["detector"] == "(training)"} == {"fpr", "calib_fraction", "seed", "max_images"}
+    assert "seed" not in mvg  # one seed for everything, set as a training key
+    assert invoke(data_dir, "detectors", "nope", ok=False).exit_code != 0
