@@ -107,7 +107,8 @@ def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: l
 
 
 def test_every_verb_has_help() -> None:
-    for verb in ["train", "score", "evaluate", "jobs", "results", "models", "sql", "worker", "db", "demo"]:
+    for verb in ["train", "score", "evaluate", "jobs", "results", "models", "sql", "worker", "db", "demo",
+                 "detectors"]:
         result = CliRunner().invoke(cli, [verb, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
 
