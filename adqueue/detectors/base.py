@@ -15,9 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, get_args, get_origin, get_type_hints
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from adqueue.metrics import calibrate_threshold
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Detector(nn.Module, ABC):
     # State-dict prefixes of frozen pretrained weights: not saved with the model, since they
     # come from the backbone registry and are checked by hash on load.
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    # True when maps need more than the scoring pass (a backward pass to the input, say): the
+    # scoring service then asks for maps only for the images that get a heat map.
+    costly_maps: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -92,6 +98,13 @@ class Detector(nn.Module, ABC):
     @abstractmethod
     def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
         """Score a float [B, C, H, W] batch in [0, 1]."""
+
+    def calibrate_threshold(self, normal_scores: np.ndarray, fpr: float) -> float:
+        """The anomaly threshold from held-out normal images' scores, for a target false-alarm rate.
+
+        By default the empirical quantile; a detector whose paper prescribes another rule overrides it.
+        """
+        return calibrate_threshold(normal_scores, fpr)
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 _DETECTORS: dict[str, str] = {
     "mvg": "adqueue.detectors.mvg:MVGDetector",
+    "differnet": "adqueue.detectors.differnet:DifferNetDetector",
 }
 
 

@@ -19,11 +19,13 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+import torch
 
 from adqueue.artifacts import atomic_write_bytes
 from adqueue.data.io import read_image
 from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_float
 from adqueue.data.sources import Item
+from adqueue.detectors.base import Detector, Scores
 from adqueue.errors import ImageError
 from adqueue.heatmaps import render_overlay
 from adqueue.service.context import Context
@@ -138,7 +140,10 @@ def score_items(
             scores = None
             if decoded:
                 pixels = to_float(stack_pixels(decoded)).to(detector.device)
-                scores = detector.score(pixels, with_maps=want_maps)
+                if want_maps and detector.costly_maps and heatmaps == "flagged" and not keep_maps:
+                    scores = _maps_for_flagged(detector, pixels, loaded.threshold)
+                else:
+                    scores = detector.score(pixels, with_maps=want_maps)
             position = {id(entry): index for index, entry in enumerate(decoded)}
             for entry in batch:
                 index = position.get(id(entry))
@@ -159,6 +164,21 @@ def score_items(
         for write in writes:
             write.result()
     return output
+
+
+def _maps_for_flagged(detector: Detector, pixels: torch.Tensor, threshold: float | None) -> Scores:
+    """Score the batch, then compute maps only for the images above the threshold.
+
+    For detectors whose maps cost a backward pass, a nightly dump with few flagged images then
+    costs little more than its scores. Unflagged images get no map (and no heat map).
+    """
+    scores = detector.score(pixels, with_maps=False)
+    flagged = torch.zeros(len(pixels), dtype=torch.bool) if threshold is None else scores.image > threshold
+    maps = torch.zeros((len(pixels), *pixels.shape[-2:]))
+    if flagged.any():
+        picked = flagged.nonzero()[:, 0]
+        maps[picked] = detector.score(pixels[picked.to(pixels.device)], with_maps=True).maps
+    return Scores(image=scores.image, maps=maps, extra=scores.extra)
 
 
 def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from adqueue.data.sources import Item, open_source
 from adqueue.detectors import registry
 from adqueue.detectors.base import Detector, Progress
 from adqueue.errors import AdqueueError
-from adqueue.metrics import calibrate_threshold
 from adqueue.service.context import Context
 from adqueue.service.models import next_version, save_detector
 from adqueue.store.models import Job, JobStatus, Model, utcnow
@@ -229,7 +228,7 @@ def _calibrate(detector: Detector, pixels: Tensor, fpr: float, progress: Progres
         map_range = (float(np.percentile(values, 50)), float(values.max()))
     else:
         map_range = (0.0, 1.0)
-    return Calibration(calibrate_threshold(all_scores, fpr), map_range, len(all_scores), in_sample)
+    return Calibration(detector.calibrate_threshold(all_scores, fpr), map_range, len(all_scores), in_sample)
 
 
 def _register(

@@ -95,6 +95,15 @@ LEVEL_COUNTS = {
 }
 
 
+# The last feature map before the classifier head: EfficientNets' last MBConv stage (their level 8
+# is a 1x1 convolution that only re-mixes it for the classifier), ResNets' layer4, AlexNet's pooled
+# `features` output.
+LAST_FEATURE_LEVEL = {
+    "efficientnet_lite0": 7, "efficientnet_lite1": 7, "efficientnet_lite2": 7, "efficientnet_b4": 7,
+    "resnet18": 4, "wide_resnet50_2": 4, "alexnet": 4,
+}
+
+
 def check_levels(backbone: str, levels: Sequence[int]) -> None:
     """Raise ValueError unless `backbone` is known and every level exists in it."""
     if backbone not in LEVEL_COUNTS:

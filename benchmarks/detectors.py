@@ -1,0 +1,142 @@
+"""Detection benchmark: every detector trained and evaluated through the real CLI, beside the paper.
+
+    python benchmarks/detectors.py [--detectors mvg,differnet,ebm,encoder_flow]
+                                   [--datasets mtd,battery_weld] [--set DETECTOR:KEY=VALUE ...]
+                                   [--json out.json]
+
+For each dataset and detector: `adqueue train` on the defect-free training images, then
+`adqueue evaluate` on the test split, in-process (no broker) on a throwaway data dir, with the
+detector's default settings unless --set says otherwise. Prints one Markdown table per dataset:
+image AUROC, pixel AUROC, PRO, false-alarm rate and recall at the calibrated threshold, train
+time and scoring time per test image; MTD's table adds the DifferNet paper's Table 2 figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ADQUEUE_SHARED_DIR", REPO.parent / "shared"))
+DATASETS = {
+    "mtd": SHARED / "datasets" / "mtd" / "manifest.csv",
+    "battery_weld": SHARED / "datasets" / "battery_weld",
+}
+DETECTORS = ("mvg", "differnet", "ebm", "encoder_flow")
+# Rudolph et al., WACV 2021, Table 2: image AUROC (%) on MTD.
+PAPER_MTD = {
+    "GeoTrans": 75.5, "GANomaly": 76.6, "DSEBM": 57.2, "ADGAN": 46.4, "OCSVM": 58.7, "1-NN": 80.0,
+    "DifferNet": 97.7,
+}
+
+
+@dataclass
+class Row:
+    dataset: str
+    detector: str
+    image_auroc: float | None
+    pixel_auroc: float | None
+    pro: float | None
+    false_alarm_rate: float | None
+    recall: float | None
+    train_s: float
+    score_ms_per_image: float
+    n_test: int
+    extra: dict[str, float]
+
+
+def adqueue(args: list[str], env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "adqueue", *args, "--format", "json"], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"adqueue {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def run_one(dataset: str, source: Path, detector: str, settings: list[str], data_dir: Path) -> Row:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_")}
+    env.update(ADQUEUE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    name = f"{detector}-{dataset}"
+    pairs = [arg for setting in settings for arg in ("--set", setting)]
+    started = time.perf_counter()
+    adqueue(["train", "--detector", detector, "--data", str(source), "--name", name, *pairs], env)
+    train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    metrics = adqueue(["evaluate", "--model", name, "--data", str(source)], env)
+    score_s = time.perf_counter() - started
+    n_test = int(metrics.get("n_images", 0))
+    return Row(
+        dataset, detector, metrics.get("image_auroc"), metrics.get("pixel_auroc"), metrics.get("pro"),
+        metrics.get("false_alarm_rate"), metrics.get("recall"), round(train_s, 1),
+        round(1000 * score_s / max(n_test, 1), 1), n_test,
+        {k: v for k, v in metrics.items() if k.startswith("image_auroc.")},
+    )
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def table(rows: list[Row], dataset: str) -> str:
+    lines = [
+        f"### {dataset}",
+        "",
+        "| detector | image AUROC % | pixel AUROC % | PRO % | false alarms % | recall % | train | score / image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `{row.detector}` | {percent(row.image_auroc)} | {percent(row.pixel_auroc)} | {percent(row.pro)} "
+            f"| {percent(row.false_alarm_rate)} | {percent(row.recall)} | {row.train_s:.0f} s "
+            f"| {row.score_ms_per_image:.0f} ms |"
+        )
+        for name, value in sorted(row.extra.items()):
+            lines.append(f"| ↳ score `{name.split('.', 1)[1]}` | {percent(value)} | | | | | | |")
+    if dataset == "mtd":
+        lines.append("| *paper (Rudolph et al. 2021, Table 2)* | | | | | | | |")
+        lines += [f"| {method} | {value:.1f} | | | | | | |" for method, value in PAPER_MTD.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                        help="an extra labeled dataset (MVTec root or manifest CSV)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    sources = {name: DATASETS[name] for name in args.datasets.split(",") if name}
+    sources.update(dict(entry.split("=", 1) for entry in args.source))  # type: ignore[misc]
+    missing = [str(path) for path in sources.values() if not Path(path).exists()]
+    if missing:
+        raise SystemExit(f"missing dataset(s): {', '.join(missing)} (../shared/datasets sits beside the repo)")
+    per_detector: dict[str, list[str]] = defaultdict(list)
+    for entry in args.settings:
+        detector, _, setting = entry.partition(":")
+        per_detector[detector].append(setting)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="adqueue-bench-") as tmp:
+        for dataset, source in sources.items():
+            for detector in args.detectors.split(","):
+                print(f"{dataset} / {detector} ...", file=sys.stderr, flush=True)
+                rows.append(run_one(dataset, Path(source), detector, per_detector[detector],
+                                    Path(tmp) / f"{dataset}-{detector}"))
+                print(f"  {asdict(rows[-1])}", file=sys.stderr, flush=True)
+    for dataset in sources:
+        print(table([row for row in rows if row.dataset == dataset], dataset), end="\n\n")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

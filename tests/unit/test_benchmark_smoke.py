@@ -1,0 +1,26 @@
+"""Smoke run of the detection benchmark: the real script, the real CLI, a small dataset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import cli_env
+from tests.servers import REPO
+
+
+def test_detection_benchmark_prints_a_table(textures, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/detectors.py", "--datasets", "", "--source", f"bricks={root}",
+         "--detectors", "mvg", "--set", "mvg:backbone=efficientnet_lite0", "--set", "mvg:image_size=128",
+         "--json", str(out)],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### bricks" in done.stdout and "| `mvg` |" in done.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["dataset"] == "bricks" and row["detector"] == "mvg"
+    assert row["n_test"] > 0 and row["train_s"] > 0 and row["score_ms_per_image"] > 0
+    assert row["image_auroc"] > 0.8 and row["pixel_auroc"] is not None and row["pro"] is not None

@@ -1,0 +1,115 @@
+"""The differnet detector on real textures with painted defects (small settings for speed)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adqueue.data.io import read_mask
+from adqueue.data.loader import load_stream, stack_pixels, to_float
+from adqueue.data.sources import open_source
+from adqueue.detectors import registry
+from adqueue.detectors.base import Preprocess
+from adqueue.detectors.components.augment import evenly_spread_transforms, rotate
+from adqueue.detectors.differnet import DifferNetDetector
+from adqueue.metrics import image_auroc, pixel_auroc
+from adqueue.service.training import TensorImages
+
+SIZE = 128
+FAST = {"image_size": str(SIZE), "hidden": "256", "n_hidden": "2", "n_blocks": "4", "epochs": "12",
+        "train_transforms": "4", "test_transforms": "4", "map_transforms": "2", "lr": "1e-3"}
+
+
+def _load(root: Path, split: str) -> tuple[torch.Tensor, list]:
+    items = list(open_source(root, split=split).items())
+    return stack_pixels(list(load_stream(items, Preprocess(SIZE, 3)))), items
+
+
+@pytest.fixture(scope="module")
+def fitted(textures) -> tuple[DifferNetDetector, Path]:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    detector = registry.create("differnet", FAST)
+    pixels, _ = _load(root, "train")
+    report = detector.fit(TensorImages(pixels))
+    assert report.info["cached_vectors"] == 4 * len(pixels)
+    assert report.losses[-1] < report.losses[0]
+    detector.eval()
+    return detector, root  # type: ignore[return-value]
+
+
+def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
+    detector, root = fitted
+    pixels, items = _load(root, "test")
+    scores = detector.score(to_float(pixels), with_maps=True)
+    labels = [item.label for item in items]
+    assert scores.image.shape == (len(items),) and scores.maps.shape == (len(items), SIZE, SIZE)
+    assert image_auroc(labels, scores.image.numpy()) > 0.85
+    masks = np.stack([read_mask(i.mask, (SIZE, SIZE)) if i.mask else np.zeros((SIZE, SIZE), bool) for i in items])
+    assert pixel_auroc(scores.maps.numpy(), masks) > 0.7
+
+
+def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:  # type: ignore[no-untyped-def]
+    detector, root = fitted
+    pixels, _ = _load(root, "test")
+    images = to_float(pixels[:3])
+    transforms = evenly_spread_transforms(4, seed=0, rotation=True, brightness=0.15, contrast=0.15)
+    assert transforms.angles.tolist() == [0.0, 90.0, 180.0, 270.0]
+    with torch.no_grad():
+        by_hand = torch.stack([
+            detector.flow.nll(detector.features(transforms[t : t + 1].repeat(3).apply(images)))
+            for t in range(4)
+        ]).mean(dim=0)
+    scored = detector.score(images, with_maps=False).image
+    assert torch.allclose(scored, by_hand, rtol=1e-5)
+    # an image's score does not depend on the batch it is in
+    alone = detector.score(images[1:2], with_maps=False).image
+    assert torch.allclose(alone, scored[1:2], rtol=1e-5)
+
+
+def test_maps_are_rotated_back_into_the_image_frame(fitted) -> None:  # type: ignore[no-untyped-def]
+    detector, _ = fitted
+    blob = torch.zeros(1, 1, SIZE, SIZE)
+    blob[..., 10:20, 60:68] = 1.0
+    turned = rotate(blob, torch.tensor([90.0]))
+    assert turned[..., 10:20, 60:68].sum() < 1  # it moved ...
+    assert torch.allclose(rotate(turned, torch.tensor([-90.0])), blob, atol=1e-4)  # ... and comes back
+
+
+def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no-untyped-def]
+    detector, root = fitted
+    state = detector.trainable_state()
+    assert not any(key.startswith("features.") for key in state)  # frozen weights are not copied
+    fresh = registry.create("differnet", detector.config_dict())
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.startswith("features.backbone.") for key in missing)
+    pixels, _ = _load(root, "test")
+    a = detector.score(to_float(pixels[:2]), with_maps=True)
+    b = fresh.eval().score(to_float(pixels[:2]), with_maps=True)
+    assert torch.equal(a.image, b.image) and torch.allclose(a.maps, b.maps)
+
+
+def test_same_seed_same_model(textures) -> None:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    pixels, _ = _load(root, "train")
+    tiny = {**FAST, "hidden": "32", "epochs": "2", "train_transforms": "1", "test_transforms": "1"}
+    scores = []
+    for _ in range(2):
+        detector = registry.create("differnet", tiny)
+        detector.fit(TensorImages(pixels[:8]))
+        scores.append(detector.eval().score(to_float(pixels[:2]), with_maps=False).image)
+    assert torch.equal(scores[0], scores[1])
+    other = registry.create("differnet", {**tiny, "seed": "1"})
+    other.fit(TensorImages(pixels[:8]))
+    assert not torch.equal(scores[0], other.eval().score(to_float(pixels[:2]), with_maps=False).image)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="levels 0-8"):
+        registry.create("differnet", {"level": "9"})
+    with pytest.raises(ValueError, match="at least 32 pixels"):
+        registry.create("differnet", {"image_size": "64"})
+    with pytest.raises(ValueError, match="test_transforms"):
+        registry.create("differnet", {"test_transforms": "0"})
+    with pytest.raises(RuntimeError, match="not fitted"):
+        registry.create("differnet", FAST).score(torch.zeros(1, 3, SIZE, SIZE))
