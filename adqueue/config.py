@@ -37,6 +37,9 @@ class Settings:
     # A message not acknowledged within this long is handed to another worker (a crashed one's).
     visibility_timeout_s: int = 6 * 3600
     retry_delay_s: float = 5.0  # first retry of a failed shard; later ones back off x4
+    # torch's intra-op threads in this process; None = torch's default (all cores). Set it where
+    # several workers share a host, or on a busy machine where spinning threads only wait.
+    torch_threads: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -62,6 +65,7 @@ class Settings:
         batch = _env("BATCH_SIZE")
         visibility = _env("VISIBILITY_TIMEOUT")
         retry_delay = _env("RETRY_DELAY")
+        threads = _env("TORCH_THREADS")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -72,6 +76,7 @@ class Settings:
             batch_size=_positive("ADQUEUE_BATCH_SIZE", batch, 32),
             visibility_timeout_s=_positive("ADQUEUE_VISIBILITY_TIMEOUT", visibility, 6 * 3600),
             retry_delay_s=_positive("ADQUEUE_RETRY_DELAY", retry_delay, 5.0, float),
+            torch_threads=None if threads is None else _positive("ADQUEUE_TORCH_THREADS", threads, 1),
         )
         settings.validate()
         return settings
@@ -105,6 +110,8 @@ class Settings:
             "ADQUEUE_VISIBILITY_TIMEOUT": str(self.visibility_timeout_s),
             "ADQUEUE_RETRY_DELAY": str(self.retry_delay_s),
         }
+        if self.torch_threads is not None:
+            env["ADQUEUE_TORCH_THREADS"] = str(self.torch_threads)
         return env
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import update
 
 from adqueue.config import Settings
 from adqueue.service.context import Context
-from adqueue.service.models import ModelCache, resolve_device
+from adqueue.service.models import ModelCache, apply_torch_threads, resolve_device
 from adqueue.store.models import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,7 @@ class WorkerRuntime:
         return Context(self.settings)
 
     def __post_init__(self) -> None:
-        threads = os.environ.get("ADQUEUE_TORCH_THREADS")
-        if threads:
-            import torch
-
-            torch.set_num_threads(int(threads))
+        apply_torch_threads(self.settings.torch_threads)
 
     @cached_property
     def device(self) -> Any:

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 _DETECTORS: dict[str, str] = {
     "mvg": "adqueue.detectors.mvg:MVGDetector",
+    "ebm": "adqueue.detectors.ebm:EBMDetector",
     "differnet": "adqueue.detectors.differnet:DifferNetDetector",
+    "encoder_flow": "adqueue.detectors.encoder_flow:EncoderFlowDetector",
 }
 
 

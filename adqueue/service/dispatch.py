@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from adqueue.detectors.base import Progress
 from adqueue.service.context import Context
-from adqueue.service.models import ModelCache, resolve_device
+from adqueue.service.models import ModelCache, apply_torch_threads, resolve_device
 from adqueue.service.scoring import ShardOutcome, run_shard
 from adqueue.service.training import run_train_job
 from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
@@ -49,6 +49,7 @@ class InlineDispatcher:
         score_progress: Callable[[], ScoreProgress],
     ) -> None:
         self.ctx = ctx
+        apply_torch_threads(ctx.settings.torch_threads)
         self.device = resolve_device(ctx.settings.device)
         self.models = ModelCache(ctx, self.device)
         self.worker = f"inline-{os.getpid()}@{socket.gethostname()}"

@@ -111,6 +111,14 @@ def resolve_device(setting: str) -> Any:
     return device
 
 
+def apply_torch_threads(threads: int | None) -> None:
+    """Cap torch's intra-op threads for this process (None leaves torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class ModelCache:
     """Detectors by model id, loaded once per process and kept (least recently used evicted)."""
 

@@ -152,7 +152,7 @@ def score_items(
                     output.n_ok += 1
                     amap = scores.maps[index].numpy() if scores.maps is not None else None
                     if output.maps is not None and amap is not None:
-                        output.maps[entry.item.path] = amap.astype(np.float16)
+                        output.maps[entry.item.path] = _as_float16(amap)
                     if amap is not None and _wants_heatmap(heatmaps, row["is_anomaly"]):
                         key = hashlib.sha256(entry.item.path.encode()).hexdigest()[:24]
                         target = ctx.data_dir.heatmap_file(job_id, key)
@@ -204,6 +204,12 @@ def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> 
         scores={name: float(values[index]) for name, values in scores.extra.items()} or None,
     )
     return row
+
+
+def _as_float16(amap: np.ndarray) -> np.ndarray:
+    """Half the disk of float32; values past float16's range are clipped, not made infinite."""
+    limit = float(np.finfo(np.float16).max)
+    return np.clip(np.nan_to_num(amap, nan=0.0), -limit, limit).astype(np.float16)
 
 
 def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:

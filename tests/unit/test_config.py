@@ -9,13 +9,13 @@ from adqueue.errors import ConfigError
 
 
 def test_defaults_are_embedded_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("DATA_DIR", "DATABASE_URL", "BROKER_URL", "QUEUE", "DEVICE"):
+    for key in ("DATA_DIR", "DATABASE_URL", "BROKER_URL", "QUEUE", "DEVICE", "TORCH_THREADS"):
         monkeypatch.delenv(f"ADQUEUE_{key}", raising=False)
     monkeypatch.chdir(tmp_path)
     settings = Settings.load()
     assert settings.embedded and settings.data_dir == tmp_path / "adqueue-data"
     assert settings.database_url == f"sqlite:///{tmp_path / 'adqueue-data' / 'adqueue.db'}"
-    assert settings.queue == "gpu" and settings.max_attempts == 3
+    assert settings.queue == "gpu" and settings.max_attempts == 3 and settings.torch_threads is None
 
 
 def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -29,12 +29,16 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert Settings.load(data_dir=tmp_path).embedded  # an empty value switches the queue off
     child = Settings.load(data_dir=tmp_path).export_env()
     assert child["ADQUEUE_DATA_DIR"] == str(tmp_path) and child["ADQUEUE_BROKER_URL"] == ""
+    assert "ADQUEUE_TORCH_THREADS" not in child
+    monkeypatch.setenv("ADQUEUE_TORCH_THREADS", "3")
+    assert Settings.load(data_dir=tmp_path).export_env()["ADQUEUE_TORCH_THREADS"] == "3"
 
 
 @pytest.mark.parametrize(("env", "value", "message"), [
     ("ADQUEUE_MAX_ATTEMPTS", "zero", "positive integer"),
     ("ADQUEUE_MAX_ATTEMPTS", "0", "positive integer"),
     ("ADQUEUE_RETRY_DELAY", "-1", "positive number"),
+    ("ADQUEUE_TORCH_THREADS", "0", "positive integer"),
     ("ADQUEUE_DEVICE", "tpu", "unknown device"),
     ("ADQUEUE_BROKER_URL", "amqp://x", "unsupported broker"),
 ])

@@ -60,8 +60,18 @@ def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:  #
             detector.flow.nll(detector.features(transforms[t : t + 1].repeat(3).apply(images)))
             for t in range(4)
         ]).mean(dim=0)
-    scored = detector.score(images, with_maps=False).image
+    result = detector.score(images, with_maps=False)
+    scored = result.image
     assert torch.allclose(scored, by_hand, rtol=1e-5)
+    assert torch.equal(result.extra["nll"], scored)  # the default score, and the authors' z^2 beside it
+    with torch.no_grad():
+        z2 = torch.stack([
+            detector.flow(detector.features(transforms[t : t + 1].repeat(3).apply(images)))[0].pow(2).mean(dim=1)
+            for t in range(4)
+        ]).mean(dim=0)
+    assert torch.allclose(result.extra["z2"], z2, rtol=1e-5)
+    # with maps, the scores come from the same forward passes and do not change
+    assert torch.allclose(detector.score(images, with_maps=True).image, scored, rtol=1e-5)
     # an image's score does not depend on the batch it is in
     alone = detector.score(images[1:2], with_maps=False).image
     assert torch.allclose(alone, scored[1:2], rtol=1e-5)
@@ -106,10 +116,14 @@ def test_same_seed_same_model(textures) -> None:  # type: ignore[no-untyped-def]
 
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="levels 0-8"):
-        registry.create("differnet", {"level": "9"})
+        registry.create("differnet", {"levels": "7,9"})
+    with pytest.raises(ValueError, match="unknown backbone"):
+        registry.create("differnet", {"backbone": "vgg"})
     with pytest.raises(ValueError, match="at least 32 pixels"):
         registry.create("differnet", {"image_size": "64"})
     with pytest.raises(ValueError, match="test_transforms"):
         registry.create("differnet", {"test_transforms": "0"})
+    with pytest.raises(ValueError, match="score must be one of nll, z2"):
+        registry.create("differnet", {"score": "energy"})
     with pytest.raises(RuntimeError, match="not fitted"):
         registry.create("differnet", FAST).score(torch.zeros(1, 3, SIZE, SIZE))
