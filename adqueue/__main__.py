@@ -1,3 +1,3 @@
-from adqueue.cli import main
+from adqueue.launcher import main
 
 main()

@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from adqueue.errors import AdqueueError
 
 FORMAT_VERSION = "1"
@@ -90,6 +87,8 @@ def save_model(path: Path, model: ModelFile) -> None:
     os.close(handle)
     try:
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state.items()}
+        from safetensors.torch import save_file  # torch: only where a model is written
+
         save_file(tensors, temp, metadata=metadata)
         os.replace(temp, path)
     except BaseException:
@@ -101,6 +100,8 @@ def load_model(path: Path) -> ModelFile:
     if not path.is_file():
         raise AdqueueError(f"model file missing: {path} (is the data dir shared with this host?)")
     tensors = {}
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping

@@ -2,13 +2,15 @@
 
     python benchmarks/detectors.py [--detectors mvg,differnet,ebm,encoder_flow]
                                    [--datasets mtd,battery_weld] [--set DETECTOR:KEY=VALUE ...]
-                                   [--json out.json]
+                                   [--json out.json] [--tables-from a.json,b.json]
 
 For each dataset and detector: `adqueue train` on the defect-free training images, then
 `adqueue evaluate` on the test split, in-process (no broker) on a throwaway data dir, with the
 detector's default settings unless --set says otherwise. Prints one Markdown table per dataset:
 image AUROC, pixel AUROC, PRO, false-alarm rate and recall at the calibrated threshold, train
 time and scoring time per test image; MTD's table adds the DifferNet paper's Table 2 figures.
+--tables-from prints the tables of earlier runs' --json files instead (several runs, one table:
+e.g. detectors benchmarked in parallel, one torch thread each).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def adqueue(args: list[str], env: dict[str, str]) -> dict:
 
 
 def run_one(dataset: str, source: Path, detector: str, settings: list[str], data_dir: Path) -> Row:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_")}
+    # A clean slate but for the thread cap, so parallel runs can share a machine fairly.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_") or k == "ADQUEUE_TORCH_THREADS"}
     env.update(ADQUEUE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     name = f"{detector}-{dataset}"
     pairs = [arg for setting in settings for arg in ("--set", setting)]
@@ -106,6 +109,13 @@ def table(rows: list[Row], dataset: str) -> str:
     return "\n".join(lines)
 
 
+def print_tables(rows: list[Row]) -> None:
+    order = {name: index for index, name in enumerate(DETECTORS)}
+    for dataset in dict.fromkeys(row.dataset for row in rows):
+        mine = sorted((row for row in rows if row.dataset == dataset), key=lambda r: order.get(r.detector, len(order)))
+        print(table(mine, dataset), end="\n\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", default=",".join(DETECTORS))
@@ -114,7 +124,12 @@ def main() -> None:
                         help="an extra labeled dataset (MVTec root or manifest CSV)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--tables-from", help="comma-separated --json files of earlier runs: print their tables")
     args = parser.parse_args()
+    if args.tables_from:
+        saved = [Row(**row) for path in args.tables_from.split(",") for row in json.loads(Path(path).read_text())]
+        print_tables(saved)
+        return
     sources = {name: DATASETS[name] for name in args.datasets.split(",") if name}
     sources.update(dict(entry.split("=", 1) for entry in args.source))  # type: ignore[misc]
     missing = [str(path) for path in sources.values() if not Path(path).exists()]
@@ -132,10 +147,9 @@ def main() -> None:
                 rows.append(run_one(dataset, Path(source), detector, per_detector[detector],
                                     Path(tmp) / f"{dataset}-{detector}"))
                 print(f"  {asdict(rows[-1])}", file=sys.stderr, flush=True)
-    for dataset in sources:
-        print(table([row for row in rows if row.dataset == dataset], dataset), end="\n\n")
-    if args.json:
-        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
+                if args.json:  # after every row: a failure later keeps what was measured
+                    args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
+    print_tables(rows)
 
 
 if __name__ == "__main__":

@@ -72,11 +72,4 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     return Settings.load(**options)
 
 
-def main() -> None:
-    from adqueue.malloc_tuning import reexec_with_malloc_tuning
-
-    reexec_with_malloc_tuning()
-    cli(prog_name="adqueue")
-
-
 from adqueue.cli import admin, inspect, submit  # noqa: E402,F401 - registers the verbs

@@ -14,7 +14,6 @@ from adqueue.data.sources import SPLITS
 from adqueue.detectors import registry
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
-from adqueue.service.dispatch import make_dispatcher
 from adqueue.service.submit import Submitted, submit_evaluate, submit_score, submit_train
 from adqueue.store.queries import job_metrics, job_summary
 
@@ -50,6 +49,8 @@ def _run(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, 
     def train_bar() -> TrainBar:
         bars.append(TrainBar())
         return bars[-1]
+
+    from adqueue.service.dispatch import make_dispatcher  # torch and the detectors: only to run jobs
 
     dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=ScoreBar)
     try:

@@ -20,7 +20,7 @@ from tests.integration.conftest import Deployment, make_deployment
 pytestmark = pytest.mark.integration
 
 TINY = {
-    "differnet": ["--backbone", "efficientnet_lite0", "--set", "image_size=128", "--set", "hidden=64",
+    "differnet": ["--backbone", "efficientnet_lite0", "--set", "image_size=64", "--set", "n_scales=1", "--set", "hidden=64",
                   "--set", "n_blocks=2", "--set", "epochs=2", "--set", "train_transforms=2",
                   "--set", "test_transforms=2", "--set", "map_transforms=1"],
     "ebm": ["--set", "image_size=32", "--set", "width=8", "--set", "iterations=8", "--set", "batch_size=8",
