@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 PRO_FPR_LIMIT = 0.3
@@ -100,6 +101,16 @@ def calibrate_threshold(normal_scores: Sequence[float] | np.ndarray, fpr: float)
         raise ValueError("no normal scores to calibrate a threshold on")
     allowed = int(np.floor(fpr * scores.size))  # how many normal images may lie above
     return float(scores[scores.size - 1 - allowed])
+
+
+def gaussian_bound(normal_scores: Sequence[float] | np.ndarray, fpr: float) -> float:
+    """One-sided Gaussian confidence bound mean + z_(1-fpr) * std of normal scores (std with ddof=1)."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"target false-alarm rate must be in (0, 1) for a Gaussian bound, not {fpr}")
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    if scores.size < 2:
+        raise ValueError("need at least two normal scores for a Gaussian confidence bound")
+    return float(scores.mean() + norm.ppf(1.0 - fpr) * scores.std(ddof=1))
 
 
 @dataclass(frozen=True)

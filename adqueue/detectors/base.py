@@ -168,3 +168,21 @@ def coerce(key: str, annotation: Any, raw: Any) -> Any:
     except ValueError:
         raise ValueError(f"setting {key}={raw!r} is not a valid {annotation.__name__}") from None
     raise TypeError(f"setting {key} has an unsupported type {annotation}")
+
+
+def require_at_least_one(config: Any, names: tuple[str, ...]) -> None:
+    """Counts and sizes in a detector's config: each must be >= 1 (all offenders named at once)."""
+    bad = [name for name in names if getattr(config, name) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be at least 1")
+
+
+def require_choice(config: Any, name: str, allowed: tuple[Any, ...]) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+def require_grey_or_rgb(config: Any) -> None:
+    if config.channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {config.channels}")

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from adqueue.detectors.base import Detector, FitReport, NullProgress, Preprocess, Progress, Scores
+from adqueue.detectors.base import (
+    Detector, FitReport, NullProgress, Preprocess, Progress, Scores, require_at_least_one, require_choice,
+)
 from adqueue.detectors.components.augment import (
     Transforms, evenly_spread_transforms, random_transforms, rotate, spread_indices,
 )
@@ -125,13 +127,10 @@ class DifferNetDetector(Detector):
             raise ValueError("image_size / 2^(n_scales - 1) must be at least 32 pixels")
         positive = ("train_transforms", "test_transforms", "map_transforms", "n_blocks", "hidden",
                     "n_hidden", "epochs", "batch_size", "extract_batch")
-        bad = [name for name in positive if getattr(config, name) < 1]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be at least 1")
+        require_at_least_one(config, positive)
         if not (0 <= config.brightness < 1 and 0 <= config.contrast < 1):
             raise ValueError("brightness and contrast must be in [0, 1)")
-        if config.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {config.score!r}")
+        require_choice(config, "score", SCORES)
         if config.clamp <= 0 or config.lr <= 0 or config.map_sigma < 0:
             raise ValueError("clamp and lr must be positive, map_sigma non-negative")
 

@@ -56,7 +56,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from adqueue.detectors.base import Detector, FitReport, NullProgress, Preprocess, Progress, Scores
+from adqueue.detectors.base import (
+    Detector, FitReport, NullProgress, Preprocess, Progress, Scores, require_at_least_one, require_grey_or_rgb,
+)
 from adqueue.detectors.components.gradient_maps import (
     RunningMoments, channel_norm, image_norm, input_gradient, standardize,
 )
@@ -132,14 +134,10 @@ class EBMDetector(Detector):
         if config.image_size < 32 or config.image_size % 32:
             raise ValueError(
                 f"image_size must be a multiple of 32 (five stride-2 convs), not {config.image_size}")
-        if config.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {config.channels}")
+        require_grey_or_rgb(config)
         if config.norm not in (1, 2):
             raise ValueError(f"norm must be 1 or 2 (L1 or L2), not {config.norm}")
-        positive = ("width", "iterations", "batch_size", "negatives", "sgld_steps")
-        for name in positive:
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(config, name)}")
+        require_at_least_one(config, ("width", "iterations", "batch_size", "negatives", "sgld_steps"))
         for name in ("sgld_step_size", "lr"):
             if not getattr(config, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(config, name)}")

@@ -30,16 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from adqueue.detectors.base import Detector, FitReport, NullProgress, Preprocess, Progress, Scores
+from adqueue.detectors.base import (
+    Detector, FitReport, NullProgress, Preprocess, Progress, Scores, require_at_least_one, require_choice,
+    require_grey_or_rgb,
+)
 from adqueue.detectors.components.flows import CouplingFlow, FlowSpec, FlowTraining, fit_flow
 from adqueue.detectors.components.gradient_maps import channel_norm, input_gradient
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
-from adqueue.metrics import calibrate_threshold
+from adqueue.metrics import calibrate_threshold, gaussian_bound
 
 MAPS = ("gradient", "reconstruction")
 # Label-preserving views of a tile: "flips" keeps the orientation of directional textures (the
@@ -125,14 +127,6 @@ def view(images: Tensor, index: int) -> Tensor:
     return images
 
 
-def gaussian_bound(normal_scores: np.ndarray, fpr: float) -> float:
-    """One-sided Gaussian confidence bound mean + z_(1-fpr) * std of normal NLLs (std with ddof=1)."""
-    scores = np.asarray(normal_scores, dtype=np.float64)
-    if scores.size < 2:
-        raise ValueError("need at least two normal scores for a Gaussian confidence bound")
-    return float(scores.mean() + norm.ppf(1.0 - fpr) * scores.std(ddof=1))
-
-
 class EncoderFlowDetector(Detector):
     name = "encoder_flow"
     Config = EncoderFlowConfig
@@ -155,22 +149,18 @@ class EncoderFlowDetector(Detector):
         size = config.image_size
         if size < 16 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two >= 16 (the encoder halves it to 4), not {size}")
-        if config.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {config.channels}")
+        require_grey_or_rgb(config)
         if config.latent_dim < 2:
             raise ValueError("latent_dim must be at least 2: the coupling flow splits the latent in two")
         positive = ("width", "max_width", "ae_epochs", "ae_batch_size", "flow_blocks", "flow_hidden",
                     "flow_layers", "flow_epochs", "flow_batch_size")
-        bad = [name for name in positive if getattr(config, name) < 1]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be at least 1")
+        require_at_least_one(config, positive)
         if config.ae_lr <= 0 or config.flow_lr <= 0 or config.flow_clamp <= 0:
             raise ValueError("ae_lr, flow_lr and flow_clamp must be positive")
         if config.map_sigma < 0:
             raise ValueError(f"map_sigma must be non-negative, not {config.map_sigma}")
         for key, allowed in (("augment", tuple(AUGMENTS)), ("map", MAPS), ("threshold_rule", THRESHOLD_RULES)):
-            if getattr(config, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(config, key)!r}")
+            require_choice(config, key, allowed)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -288,8 +278,6 @@ class EncoderFlowDetector(Detector):
         exceed `fpr` (MTD: 5.8% for a 1% target; "quantile" is the empirical rule). With fpr = 0
         the bound is infinite: the largest normal score is used instead.
         """
-        if not 0.0 <= fpr < 1.0:
-            raise ValueError(f"target false-alarm rate must be in [0, 1), not {fpr}")
         if self.config.threshold_rule == "quantile" or fpr == 0.0:
             return calibrate_threshold(normal_scores, fpr)
         return gaussian_bound(normal_scores, fpr)

@@ -172,19 +172,20 @@ def test_replay_buffer_option_trains() -> None:
     assert len(report.losses) == 4 and np.isfinite(report.losses).all()
 
 
-def test_settings_are_validated() -> None:
-    with pytest.raises(ValueError, match="multiple of 32"):
-        registry.create("ebm", {"image_size": "100"})
-    with pytest.raises(ValueError, match="channels must be 1"):
-        registry.create("ebm", {"channels": "2"})
-    with pytest.raises(ValueError, match="norm must be 1 or 2"):
-        registry.create("ebm", {"norm": "3"})
-    with pytest.raises(ValueError, match="sgld_steps must be >= 1"):
-        registry.create("ebm", {"sgld_steps": "0"})
-    with pytest.raises(ValueError, match="not a valid float"):
-        registry.create("ebm", {"lr": "fast"})
-    with pytest.raises(ValueError, match="unknown setting"):
-        registry.create("ebm", {"steps": "10"})
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"image_size": "100"}, "multiple of 32"),
+    ({"channels": "2"}, "channels must be 1"),
+    ({"norm": "3"}, "norm must be 1 or 2"),
+    ({"sgld_steps": "0"}, "sgld_steps must be at least 1"),
+    ({"lr": "fast"}, "not a valid float"),
+    ({"steps": "10"}, "unknown setting"),
+])
+def test_settings_are_validated(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        registry.create("ebm", settings)
+
+
+def test_unfitted_or_misshapen_input_is_refused() -> None:
     detector = registry.create("ebm", {"image_size": str(SIZE), "width": "4"})
     assert detector.preprocess.size == SIZE and detector.preprocess.channels == 1
     with pytest.raises(RuntimeError, match="not fitted"):
