@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adqueue.errors import AdqueueError
+from adqueue.errors import AdqueueError, ModelUnavailable
 
 FORMAT_VERSION = "1"
 
@@ -43,8 +43,8 @@ class DataDir:
     def heatmap_file(self, job_id: int, key: str) -> Path:
         return self.root / "heatmaps" / f"job{job_id}" / f"{key}.png"
 
-    def eval_maps_file(self, job_id: int, shard_seq: int) -> Path:
-        return self.root / "evaluations" / f"job{job_id}" / f"shard{shard_seq:06d}.npz"
+    def eval_maps_file(self, job_id: int, shard_seq: int, run_id: int) -> Path:
+        return self.root / "evaluations" / f"job{job_id}" / f"shard{shard_seq:06d}-run{run_id}.npz"
 
     def eval_maps_dir(self, job_id: int) -> Path:
         return self.root / "evaluations" / f"job{job_id}"
@@ -97,20 +97,27 @@ def save_model(path: Path, model: ModelFile) -> None:
 
 
 def load_model(path: Path) -> ModelFile:
+    """Read a model file; anything wrong with it is a ModelUnavailable (no retry can fix it)."""
     if not path.is_file():
-        raise AdqueueError(f"model file missing: {path} (is the data dir shared with this host?)")
+        raise ModelUnavailable(f"model file missing: {path} (is the data dir shared with this host?)")
     tensors = {}
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            tensors[key] = handle.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ModelUnavailable(f"model file {path} is unreadable (truncated or corrupt?): {exc}") from None
     if metadata.get("format") != FORMAT_VERSION:
-        raise AdqueueError(f"{path} is not an adqueue model file (format {metadata.get('format')!r})")
-    return ModelFile(
-        detector=metadata["detector"],
-        config=json.loads(metadata["config"]),
-        extra=json.loads(metadata["extra"]),
-        state=tensors,
-    )
+        raise ModelUnavailable(f"{path} is not an adqueue model file (format {metadata.get('format')!r})")
+    try:
+        return ModelFile(
+            detector=metadata["detector"],
+            config=json.loads(metadata["config"]),
+            extra=json.loads(metadata["extra"]),
+            state=tensors,
+        )
+    except (KeyError, ValueError) as exc:
+        raise ModelUnavailable(f"model file {path} has malformed metadata: {exc!r}") from None

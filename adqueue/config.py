@@ -18,6 +18,8 @@ DEFAULT_DATA_DIR = "./adqueue-data"
 DEFAULT_QUEUE = "gpu"
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_S = 120
+DEFAULT_RECONCILE_INTERVAL_S = 30
 
 
 def _env(name: str) -> str | None:
@@ -37,9 +39,21 @@ class Settings:
     # A message not acknowledged within this long is handed to another worker (a crashed one's).
     visibility_timeout_s: int = 6 * 3600
     retry_delay_s: float = 5.0  # first retry of a failed shard; later ones back off x4
+    # A run (shard, training, finishing, submission) holds its work this long past its last
+    # renewal; renewals come with its progress (each batch), so a dead or hung worker's work is
+    # taken back this long after it stopped. Stretched to 4x the slowest step a run has seen.
+    lease_s: float = DEFAULT_LEASE_S
+    # How often each worker's reconciler looks for expired leases, lost messages and jobs to end.
+    reconcile_interval_s: float = DEFAULT_RECONCILE_INTERVAL_S
+    # `--wait` gives up on a job with no progress and no live lease anywhere for this long.
+    stall_timeout_s: float | None = None
     # torch's intra-op threads in this process; None = torch's default (all cores). Set it where
     # several workers share a host, or on a busy machine where spinning threads only wait.
     torch_threads: int | None = None
+
+    @property
+    def stall_after_s(self) -> float:
+        return self.stall_timeout_s or 2 * self.lease_s + self.reconcile_interval_s
 
     @property
     def embedded(self) -> bool:
@@ -66,6 +80,9 @@ class Settings:
         visibility = _env("VISIBILITY_TIMEOUT")
         retry_delay = _env("RETRY_DELAY")
         threads = _env("TORCH_THREADS")
+        lease = _env("LEASE")
+        interval = _env("RECONCILE_INTERVAL")
+        stall = _env("STALL_TIMEOUT")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -77,6 +94,9 @@ class Settings:
             visibility_timeout_s=_positive("ADQUEUE_VISIBILITY_TIMEOUT", visibility, 6 * 3600),
             retry_delay_s=_positive("ADQUEUE_RETRY_DELAY", retry_delay, 5.0, float),
             torch_threads=None if threads is None else _positive("ADQUEUE_TORCH_THREADS", threads, 1),
+            lease_s=_positive("ADQUEUE_LEASE", lease, DEFAULT_LEASE_S, float),
+            reconcile_interval_s=_positive("ADQUEUE_RECONCILE_INTERVAL", interval, DEFAULT_RECONCILE_INTERVAL_S, float),
+            stall_timeout_s=None if stall is None else _positive("ADQUEUE_STALL_TIMEOUT", stall, 1.0, float),
         )
         settings.validate()
         return settings
@@ -109,7 +129,11 @@ class Settings:
             "ADQUEUE_BATCH_SIZE": str(self.batch_size),
             "ADQUEUE_VISIBILITY_TIMEOUT": str(self.visibility_timeout_s),
             "ADQUEUE_RETRY_DELAY": str(self.retry_delay_s),
+            "ADQUEUE_LEASE": str(self.lease_s),
+            "ADQUEUE_RECONCILE_INTERVAL": str(self.reconcile_interval_s),
         }
+        if self.stall_timeout_s is not None:
+            env["ADQUEUE_STALL_TIMEOUT"] = str(self.stall_timeout_s)
         if self.torch_threads is not None:
             env["ADQUEUE_TORCH_THREADS"] = str(self.torch_threads)
         return env

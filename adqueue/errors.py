@@ -39,3 +39,25 @@ class ReadOnlyViolation(AdqueueError):
 
 class SchemaOutOfDate(AdqueueError):
     pass
+
+
+class ModelUnavailable(AdqueueError):
+    """A model file that is missing, unreadable or not what SQL says: no retry can help, so a job
+    that needs it fails at once with this message."""
+
+
+class JobStalled(AdqueueError):
+    """`--wait` saw no progress and no live lease for too long."""
+
+    exit_code = 3
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP in a process running a job itself (the embedded default).
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum = signum
+        self.name = name

@@ -52,27 +52,61 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1):  # type
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="adqueue-redis-") as folder:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", folder, "--logfile", str(Path(folder) / "redis.log")],
+class RedisServer:
+    """A redis-server of our own on a free port, restartable on the same port: with its
+    append-only file kept (`persist`), a restart keeps the queues; with `lose_data` it comes
+    back empty, like a Redis without persistence."""
+
+    def __init__(self, *, persist: bool = False) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            missing("redis-server")
+        self.port = free_port()
+        self.persist = persist
+        self.folder = Path(tempfile.mkdtemp(prefix="adqueue-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        try:
-            import redis
+        import redis
 
-            client = redis.Redis(port=port, socket_connect_timeout=1)
-            wait_until(client.ping, 20, "redis-server")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(10)
+        wait_until(redis.Redis(port=self.port, socket_connect_timeout=1).ping, 20, "redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis writes its append-only file and exits
+            self.process.wait(20)
+
+    def restart(self, *, lose_data: bool = False) -> None:
+        self.stop()
+        if lose_data:
+            for path in self.folder.iterdir():
+                if path.name != "redis.log":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def redis_server(*, persist: bool = False) -> Iterator[str]:
+    server = RedisServer(persist=persist)
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 def _pg_bindir() -> Path | None:
@@ -85,48 +119,80 @@ def _pg_bindir() -> Path | None:
     return None
 
 
-@contextmanager
-def postgres_server() -> Iterator[str]:
-    """A fresh cluster in a temp dir. As root, it runs as the `postgres` user (PostgreSQL refuses root)."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        missing("postgresql (initdb, postgres)")
-    port = free_port()
-    run_as: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="adqueue-pg-"))
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            missing("postgresql (a 'postgres' system user)")
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data = folder / "data"
-    env = {**os.environ, "LC_ALL": "C.UTF-8"}
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                    "--no-sync", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, env=env)
-    process = subprocess.Popen(
-        [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-         "-k", str(folder), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=100"],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "postgres.log", "wb"), env=env,
-    )
-    try:
+class PostgresServer:
+    """A fresh cluster in a temp dir on a free port, restartable on the same port and data.
+    As root, it runs as the `postgres` user (PostgreSQL refuses root)."""
+
+    def __init__(self) -> None:
+        bindir = _pg_bindir()
+        if bindir is None:
+            missing("postgresql (initdb, postgres)")
+        assert bindir is not None
+        self.bindir = bindir
+        self.port = free_port()
+        self.run_as: list[str] = []
+        self.folder = Path(tempfile.mkdtemp(prefix="adqueue-pg-"))
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                missing("postgresql (a 'postgres' system user)")
+            os.chown(self.folder, user.pw_uid, user.pw_gid)
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.env = {**os.environ, "LC_ALL": "C.UTF-8"}
+        subprocess.run([*self.run_as, str(bindir / "initdb"), "-D", str(self.folder / "data"), "-U", "postgres",
+                        "-A", "trust", "--no-sync", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, env=self.env)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.folder / "data"), "-p", str(self.port),
+             "-h", "127.0.0.1", "-k", str(self.folder), "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=open(self.folder / "postgres.log", "ab"), env=self.env,
+        )
         import psycopg
 
         def ready() -> bool:
-            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", connect_timeout=2):
+            with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", connect_timeout=2):
                 return True
 
         wait_until(ready, 30, "postgres")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGINT)  # fast shutdown
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut. Signalled through pg_ctl, since as root the
+        process we started is `runuser`, which does not pass signals on to the postmaster."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast",
+                        "-w", "-t", "30", "stop"], check=False, stdout=subprocess.DEVNULL, env=self.env)
         try:
-            process.wait(20)
+            self.process.wait(30)
         except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(folder, ignore_errors=True)
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    server = PostgresServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 def create_database(server_url: str, name: str) -> str:

@@ -1,8 +1,10 @@
 """The Celery app: JSON only, late acks, one message at a time, no result backend.
 
 Results live in SQL, so Celery's result backend is off. Late acknowledgement plus
-reject-on-worker-lost means a shard whose worker dies goes back to the queue; the attempt counter
-in SQL (not Celery's) stops a shard that kills every worker it touches.
+reject-on-worker-lost means a shard whose worker dies goes back to the queue after the visibility
+timeout, but nothing depends on that: each unit of work holds a lease in SQL, and the reconciler
+(workers/reconciler.py) takes back work whose lease expired and re-sends messages the broker lost.
+A redelivered message whose work is held by a live lease runs nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from adqueue.config import Settings
 
 TASK_TRAIN = "adqueue.train"
 TASK_SCORE_SHARD = "adqueue.score_shard"
+TASK_FINISH = "adqueue.finish_job"
 
 
-def make_app(settings: Settings) -> Celery:
+def make_app(settings: Settings, *, producer: bool = False) -> Celery:
+    """The worker's app, or (`producer`) one that only sends and never becomes the current app."""
     if settings.broker_url is None:
         raise ValueError("a Celery app needs a broker URL (ADQUEUE_BROKER_URL or --broker)")
-    app = Celery("adqueue", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("adqueue", broker=settings.broker_url, include=[] if producer else ["workers.tasks"],
+                 set_as_current=not producer)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -34,9 +39,14 @@ def make_app(settings: Settings) -> Celery:
         task_routes={
             TASK_TRAIN: {"queue": settings.queue},
             TASK_SCORE_SHARD: {"queue": settings.queue},
+            TASK_FINISH: {"queue": settings.queue},
         },
         # Shards take seconds to minutes; a message unacked this long is handed out again.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Swept every few seconds (kombu's default is ~100 s), so a message is back about when its
+        # timeout says; the lease in SQL decides whether it then runs anything.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+                                  "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=10,
         enable_utc=True,

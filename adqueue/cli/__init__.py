@@ -1,7 +1,8 @@
 """`adqueue`: train anomaly detectors, score image dumps, query the results.
 
 Global options set where things live; each verb is one small function in submit.py (train,
-score, evaluate), inspect.py (jobs, results, models, sql) or admin.py (worker, db, demo).
+score, evaluate), control.py (cancel, resume, reconcile), inspect.py (jobs, results, models,
+sql) or admin.py (worker, db, demo).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from adqueue.config import Settings
-from adqueue.errors import AdqueueError
+from adqueue.errors import AdqueueError, Interrupted, JobStalled
 
 EPILOG = """\b
 Without --broker (or ADQUEUE_BROKER_URL) everything runs in this process
@@ -34,6 +35,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except JobStalled as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
         except AdqueueError as exc:
             raise click.ClickException(str(exc)) from None
         except OperationalError as exc:
@@ -41,9 +45,11 @@ class _Group(click.Group):
             raise click.ClickException(f"database error: {reason}") from None
         except SQLAlchemyError as exc:
             raise click.ClickException(f"database error: {exc}") from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            job_id = getattr(exc, "job_id", None)
+            resume = f"; `adqueue resume {job_id}` completes job {job_id}" if job_id else ""
+            click.echo(f"stopped by {exc.name if isinstance(exc, Interrupted) else 'Ctrl-C'}{resume}", err=True)
+            ctx.exit(128 + exc.signum if isinstance(exc, Interrupted) else 130)
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,4 +78,4 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     return Settings.load(**options)
 
 
-from adqueue.cli import admin, inspect, submit  # noqa: E402,F401 - registers the verbs
+from adqueue.cli import admin, control, inspect, submit  # noqa: E402,F401 - registers the verbs

@@ -22,7 +22,10 @@ from adqueue.store.session import Store
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
 def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str | None, loglevel: str) -> None:
-    """Run a Celery worker that trains and scores jobs from Redis."""
+    """Run a Celery worker that trains and scores jobs from Redis.
+
+    Each worker also runs the reconciler every ADQUEUE_RECONCILE_INTERVAL seconds: it takes back
+    work whose lease expired, re-sends messages the broker lost and ends finished jobs."""
     settings = settings_from(ctx, device=device)
     if settings.embedded:
         raise ConfigError("a worker needs a broker: pass --broker redis://HOST:6379/0 or set ADQUEUE_BROKER_URL")
@@ -30,6 +33,8 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
     # Children (prefork) and the lazily built runtime read the same settings from the environment.
     os.environ.update(settings.export_env())
     os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)
+    os.environ["ADQUEUE_WORKER_QUEUES"] = queues or settings.queue
+    import workers.reconciler  # noqa: F401 - its signal handlers start the periodic reconciler
     from workers.app import make_app
     from workers.producer import check_broker
 

@@ -7,8 +7,10 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from adqueue.cli.output import stderr
+from adqueue.errors import JobStalled
 from adqueue.service.context import Context
-from adqueue.store.queries import job_summary
+from adqueue.store.models import JobStatus, utcnow
+from adqueue.store.queries import job_summary, live_leases
 
 
 def _bar() -> Progress:
@@ -66,7 +68,9 @@ class ScoreBar:
 def wait_for_job(ctx: Context, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> dict:
     """Follow a queued job in SQL until it ends; returns its summary.
 
-    Ctrl-C stops following only: the job goes on in the workers."""
+    Never forever: with no progress and no live lease anywhere (no worker working on anything)
+    for `stall_after_s`, it raises JobStalled with the command to run. Ctrl-C stops following
+    only: the job goes on in the workers."""
     try:
         return _follow(ctx, job_id, poll_s=poll_s, timeout_s=timeout_s)
     except KeyboardInterrupt:
@@ -75,19 +79,31 @@ def wait_for_job(ctx: Context, job_id: int, *, poll_s: float = 0.5, timeout_s: f
 
 
 def _follow(ctx: Context, job_id: int, *, poll_s: float, timeout_s: float | None) -> dict:
-    started = time.monotonic()
+    started = last_change = time.monotonic()
+    seen: tuple = ()
     with _bar() as progress:
         task = progress.add_task(f"job {job_id}", total=None, info="")
         while True:
             with ctx.store.session() as session:
                 summary = job_summary(session, job_id)
+                working = live_leases(session, utcnow())
             total = summary["n_total"] or None
             done = summary["n_done"] + (summary["n_failed"] if summary["kind"] != "train" else 0)
             label = summary["phase"] if summary["kind"] == "train" and summary["phase"] else summary["status"]
             progress.update(task, total=total, completed=done, info=label or "",
                             description=f"{summary['kind']} job {job_id}")
-            if summary["status"] in ("done", "failed"):
+            if summary["status"] in JobStatus.ENDED:
                 return summary
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
+            now = time.monotonic()
+            state = (summary["status"], done, summary["phase"], summary["shards_done"], summary["shards_failed"])
+            if state != seen or working:
+                seen, last_change = state, now
+            elif now - last_change > ctx.settings.stall_after_s:
+                raise JobStalled(
+                    f"job {job_id} ({summary['status']}) made no progress for {now - last_change:.0f} s and no "
+                    f"worker holds a lease on any job: are workers running on queue {summary['queue']!r}? "
+                    f"Then `adqueue resume {job_id}` sends its work again"
+                )
+            if timeout_s is not None and now - started > timeout_s:
                 return summary
             time.sleep(poll_s)

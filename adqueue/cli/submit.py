@@ -18,7 +18,8 @@ from adqueue.service.submit import Submitted, submit_evaluate, submit_score, sub
 from adqueue.store.queries import job_metrics, job_summary
 
 wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
-                           "failed. (Without a broker the job always runs to the end right away.)")
+                           "failed or was cancelled, 3 if nothing moved for ADQUEUE_STALL_TIMEOUT seconds with "
+                           "no worker working. (Without a broker the job always runs to the end right away.)")
 device_option = click.option("--device", default=None, help="auto, cpu, cuda or cuda:N for in-process runs "
                              "[env ADQUEUE_DEVICE; default auto].")
 shard_option = click.option("--shard-size", default=256, show_default=True, type=int,
@@ -41,7 +42,7 @@ def _parse_settings(pairs: tuple[str, ...], backbone: str | None) -> dict[str, s
     return settings
 
 
-def _run(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, Submitted]:
+def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, Submitted]:
     settings = settings_from(ctx, device=device)
     context = Context(settings)
     bars: list[Any] = []
@@ -50,20 +51,38 @@ def _run(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, 
         bars.append(TrainBar())
         return bars[-1]
 
-    from adqueue.service.dispatch import make_dispatcher  # torch and the detectors: only to run jobs
+    from adqueue.service.dispatch import make_dispatcher, signals_interrupt  # torch etc.: only to run jobs
 
     dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=ScoreBar)
     try:
-        submitted = submit(context, dispatcher)
+        if settings.embedded:  # the job runs here: a signal must leave it resumable, not `running`
+            _heal_embedded(context)
+            with signals_interrupt():
+                submitted = submit(context, dispatcher)
+        else:
+            submitted = submit(context, dispatcher)
     finally:
         for bar in bars:
             bar.stop()
     return context, submitted
 
 
-def _finish(context: Context, submitted: Submitted, fmt: str, wait: bool) -> dict[str, Any]:
-    """Print the job id (or JSON), follow it when asked, and exit 1 if it failed."""
+def _heal_embedded(context: Context) -> None:
+    """No worker runs a reconciler on the embedded default: each run does one pass first, so a
+    job whose process was killed (its lease expired) is marked for `resume`, not left `running`."""
+    from adqueue.service.reconcile import reconcile
+
+    report = reconcile(context, {}, worker="adqueue-cli")
+    if report.embedded_stopped:
+        info(f"{report.embedded_stopped} earlier job(s) whose process was stopped are marked failed: "
+             "`adqueue jobs` lists them, `adqueue resume JOB` completes one")
+
+
+def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> dict[str, Any]:
+    """Print the job id (or JSON), follow it when asked, and exit 1 if it failed or was cancelled."""
     summary: dict[str, Any]
+    if fmt != "json":
+        click.echo(submitted.job_id)  # first, so a script has it even if the wait gives up
     if context.settings.embedded or not wait:
         with context.store.session() as session:
             summary = job_summary(session, submitted.job_id)
@@ -77,10 +96,9 @@ def _finish(context: Context, submitted: Submitted, fmt: str, wait: bool) -> dic
     if fmt == "json":
         emit_object({**submitted.as_dict(), **summary, **metrics}, "json")
     else:
-        click.echo(submitted.job_id)
         _describe(summary, metrics, fmt)
-    if summary["status"] == "failed":
-        info(f"[red]job {submitted.job_id} failed:[/red] {summary.get('error')}")
+    if summary["status"] in ("failed", "cancelled"):
+        info(f"[red]job {submitted.job_id} {summary['status']}:[/red] {summary.get('error')}")
         sys.exit(1)
     return summary
 
@@ -116,9 +134,9 @@ def train(ctx: click.Context, detector: str, data: str, name: str, backbone: str
           split: str | None, device: str | None, wait: bool, fmt: str) -> None:
     """Train a detector on defect-free images and register it as a new model version."""
     settings = _parse_settings(pairs, backbone)
-    context, submitted = _run(ctx, device, lambda c, d: submit_train(
+    context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_train(
         c, d, detector=detector, data=data, name=name, settings=settings, split=split))
-    _finish(context, submitted, fmt, wait)
+    report_job(context, submitted, fmt, wait)
 
 
 @cli.command()
@@ -136,9 +154,9 @@ def score(ctx: click.Context, path: str, model: str, split: str | None, shard_si
     """Score every file under PATH (a folder, MVTec root or manifest CSV) with a trained model.
 
     Files that are not decodable images get a result row with an error; the job goes on."""
-    context, submitted = _run(ctx, device, lambda c, d: submit_score(
+    context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_score(
         c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps))
-    _finish(context, submitted, fmt, wait)
+    report_job(context, submitted, fmt, wait)
 
 
 @cli.command()
@@ -156,6 +174,6 @@ def evaluate(ctx: click.Context, model: str, data: str, split: str, shard_size: 
              device: str | None, wait: bool, fmt: str) -> None:
     """Score a labeled test set and store image AUROC (per defect type too), pixel AUROC and PRO
     where masks exist, and the false-alarm rate and recall at the model's threshold."""
-    context, submitted = _run(ctx, device, lambda c, d: submit_evaluate(
+    context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_evaluate(
         c, d, model=model, data=data, split=split, shard_size=shard_size, heatmaps=heatmaps))
-    _finish(context, submitted, fmt, wait)
+    report_job(context, submitted, fmt, wait)

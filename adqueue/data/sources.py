@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from adqueue.errors import SourceError
@@ -51,6 +52,20 @@ class Source:
             return _mvtec_items(self.root, self.split)
         return _manifest_items(self.root, self.split)
 
+    def items_after(self, written: int, last_path: str | None, keep: Callable[[Item], bool] | None = None,
+                    ) -> Iterator[Item]:
+        """The items (those `keep` accepts) a second enumeration gives after the first `written`,
+        the last of which was `last_path`: for continuing an interrupted submission. A folder is
+        matched by position in its walk order, so files added or removed meanwhile are handled; a
+        manifest or MVTec root must list the same items as before."""
+        items = self.items() if keep is None else filter(keep, self.items())
+        if not written or last_path is None:
+            return items
+        if self.kind == "folder":
+            mark = walk_order(self.root, last_path)
+            return (item for item in items if walk_order(self.root, item.path) > mark)
+        return _skip_exactly(items, written, last_path, self.describe())
+
     def describe(self) -> str:
         split = f" (split {self.split})" if self.split else ""
         return f"{self.kind} {self.root}{split}"
@@ -74,6 +89,22 @@ def open_source(spec: str | Path, *, split: str | None = None) -> Source:
     if split is not None:
         raise SourceError(f"{spec} is a plain folder: --split needs an MVTec root or a manifest CSV")
     return Source("folder", path, None, labeled=False)
+
+
+def walk_order(root: Path, path: str) -> tuple[tuple[int, str], ...]:
+    """A sort key that orders paths exactly as _folder_items yields them: a folder's files (by
+    name) before its subfolders (by name), depth first."""
+    parts = Path(path).relative_to(root).parts
+    return tuple((1, part) for part in parts[:-1]) + ((0, parts[-1]),)
+
+
+def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) -> Iterator[Item]:
+    last = None
+    for last in islice(items, count):
+        pass
+    if last is None or last.path != last_path:
+        raise SourceError(f"{what} changed since its submission started: submit it again as a new job")
+    return items
 
 
 def _folder_items(root: Path) -> Iterator[Item]:

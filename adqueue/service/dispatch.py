@@ -1,31 +1,44 @@
 """Where submitted work goes: to Celery through Redis, or straight into this process.
 
-The embedded default (no broker) runs the very same `run_train_job` / `run_shard` functions a
-worker runs, in order, right after submission, with progress shown in the terminal.
+The embedded default (no broker) runs the very same `run_train_job` / `run_shard` / `run_finish`
+functions a worker runs, in order, right after submission (or `resume`), with progress shown in
+the terminal. SIGTERM, SIGHUP and SIGINT stop such a run cleanly: the job is marked failed with
+the `adqueue resume` command that completes it, its open shards are queued again, and the
+interrupted attempt is not counted.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
 from adqueue.detectors.base import Progress
+from adqueue.errors import Interrupted
 from adqueue.service.context import Context
+from adqueue.service.control import interruptions_marked
+from adqueue.service.finishing import run_finish
 from adqueue.service.models import ModelCache, apply_torch_threads, resolve_device
 from adqueue.service.scoring import ShardOutcome, run_shard
 from adqueue.service.training import run_train_job
-from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
-from adqueue.store.writes import end_job
+from adqueue.store.models import Job, JobKind, Shard, ShardStatus
 
 
 class Dispatcher(Protocol):
+    """Sends work to whoever runs it. `queue` is the Celery queue, None in this process."""
+
+    queue: str | None
+
     def enqueue_train(self, job_id: int) -> None: ...
 
-    def enqueue_shards(self, shard_ids: list[int]) -> None: ...
+    def enqueue_shards(self, shard_ids: Sequence[int], *, countdown: float = 0.0) -> None: ...
+
+    def enqueue_finish(self, job_id: int) -> None: ...
 
     def after_submit(self, job_id: int) -> None: ...
 
@@ -38,8 +51,23 @@ class ScoreProgress(Protocol):
     def stop(self) -> None: ...
 
 
+class NullScoreProgress:
+    """No terminal bar (benchmarks, `adqueue reconcile`)."""
+
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class InlineDispatcher:
-    """Runs each job in this process as soon as it is submitted."""
+    """Runs each job in this process as soon as it is submitted or resumed."""
+
+    queue: str | None = None
 
     def __init__(
         self,
@@ -55,46 +83,75 @@ class InlineDispatcher:
         self.worker = f"inline-{os.getpid()}@{socket.gethostname()}"
         self._train_progress = train_progress
         self._score_progress = score_progress
+        self._finish_due: set[int] = set()
+        self._in_shard_loop = False
 
     def enqueue_train(self, job_id: int) -> None:
         pass  # the job is found in SQL by after_submit
 
-    def enqueue_shards(self, shard_ids: list[int]) -> None:
+    def enqueue_shards(self, shard_ids: Sequence[int], *, countdown: float = 0.0) -> None:
         pass
 
+    def enqueue_finish(self, job_id: int) -> None:
+        if self._in_shard_loop:
+            self._finish_due.add(job_id)  # run once the loop over shards is out of the way
+        else:
+            run_finish(self.ctx, job_id, worker=self.worker)
+
     def after_submit(self, job_id: int) -> None:
-        try:
+        with interruptions_marked(self.ctx, job_id):
             self._run(job_id)
-        except KeyboardInterrupt:
-            # Nobody else will pick this job up: say so in SQL rather than leave it "running".
-            with self.ctx.store.session() as session:
-                end_job(session, job_id, status=JobStatus.FAILED, error="interrupted (Ctrl-C) in the submitting process")
-            raise
 
     def _run(self, job_id: int) -> None:
         with self.ctx.store.session() as session:
             job = session.get_one(Job, job_id)
-            kind, total = job.kind, job.n_total
+            kind, total, done = job.kind, job.n_total, job.n_done + job.n_failed
         if kind == JobKind.TRAIN:
-            run_train_job(self.ctx, job_id, progress=self._train_progress(), device=self.device)
+            run_train_job(self.ctx, job_id, worker=self.worker, display=self._train_progress(), device=self.device)
             return
         with self.ctx.store.session() as session:
-            shard_ids = list(
-                session.scalars(
-                    select(Shard.id).where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED).order_by(Shard.seq)
-                )
-            )
+            shard_ids = list(session.scalars(
+                select(Shard.id).where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED).order_by(Shard.seq)
+            ))
+        if not shard_ids:
+            return
         progress = self._score_progress()
         progress.start(total, f"{kind} job {job_id}")
+        progress.advance(done)
+        self._in_shard_loop = True
         try:
             for shard_id in shard_ids:
                 outcome = ShardOutcome.RETRY
                 while outcome is ShardOutcome.RETRY:
-                    outcome = run_shard(
-                        self.ctx, shard_id, models=self.models, worker=self.worker, on_batch=progress.advance
-                    )
+                    outcome = run_shard(self.ctx, shard_id, models=self.models, worker=self.worker, dispatcher=self,
+                                        on_batch=progress.advance)
+                if outcome in (ShardOutcome.LOST, ShardOutcome.JOB_FAILED):
+                    break  # cancelled from elsewhere, or a permanent error failed the job
         finally:
+            self._in_shard_loop = False
             progress.stop()
+        if job_id in self._finish_due:
+            self._finish_due.discard(job_id)
+            run_finish(self.ctx, job_id, worker=self.worker)
+
+
+_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum, _SIGNALS.get(signum, str(signum)))
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted here, as Ctrl-C raises KeyboardInterrupt, so a job
+    running in this process is marked for `resume` on the way out rather than left `running`."""
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def make_dispatcher(

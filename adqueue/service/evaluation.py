@@ -9,16 +9,19 @@ import numpy as np
 from sqlalchemy import select
 
 from adqueue.data.io import read_mask
+from adqueue.detectors.base import NullProgress, Progress
 from adqueue.metrics import image_auroc, pixel_auroc, pro_score, rates_at_threshold
 from adqueue.service.context import Context
-from adqueue.store.models import Job, Model, Result, Shard
+from adqueue.store.models import Job, Model, Result, Shard, ShardStatus
 
 # Pixel metrics hold every map pixel at once; past this budget the maps (and masks) are strided
 # down by a common factor, which keeps memory bounded for very large evaluation sets.
 PIXEL_BUDGET = 40_000_000
 
 
-def compute_job_metrics(ctx: Context, job_id: int) -> dict[str, float]:
+def compute_job_metrics(ctx: Context, job_id: int, progress: Progress | None = None) -> dict[str, float]:
+    """From scratch, every time: a second run computes exactly what the first would have."""
+    progress = progress or NullProgress()
     with ctx.store.session() as session:
         job = session.get_one(Job, job_id)
         model = session.get_one(Model, job.model_id)
@@ -33,6 +36,13 @@ def compute_job_metrics(ctx: Context, job_id: int) -> dict[str, float]:
             for (items,) in session.execute(select(Shard.items).where(Shard.job_id == job_id))
             for item in items
         }
+        # The maps of the run that closed each shard; a copy that lost its lease left others.
+        map_files = [
+            ctx.data_dir.eval_maps_file(job_id, seq, run_id)
+            for seq, run_id in session.execute(
+                select(Shard.seq, Shard.run_id).where(Shard.job_id == job_id, Shard.status == ShardStatus.DONE)
+                .order_by(Shard.seq))
+        ]
     labels = np.array([row.label for row in rows], dtype=int)
     scores = np.array([row.score for row in rows], dtype=np.float64)
     metrics: dict[str, float] = {
@@ -56,7 +66,7 @@ def compute_job_metrics(ctx: Context, job_id: int) -> dict[str, float]:
         rates = rates_at_threshold(labels, scores, threshold)
         _put(metrics, "false_alarm_rate", rates.false_alarm_rate)
         _put(metrics, "recall", rates.recall)
-    metrics.update(_pixel_metrics(ctx, job_id, {row.path: row.label for row in rows}, masks))
+    metrics.update(_pixel_metrics(map_files, {row.path: row.label for row in rows}, masks, progress))
     return metrics
 
 
@@ -75,14 +85,16 @@ def _extra_scores(rows: list) -> dict[str, np.ndarray]:  # type: ignore[type-arg
 
 
 def _pixel_metrics(
-    ctx: Context, job_id: int, labels: dict[str, int], masks: dict[str, str | None]
+    files: list[Path], labels: dict[str, int], masks: dict[str, str | None], progress: Progress
 ) -> dict[str, float]:
     """Pixel AUROC and PRO over images whose ground truth is known (normal, or with a mask)."""
     maps_list: list[np.ndarray] = []
     masks_list: list[np.ndarray] = []
-    files = sorted(ctx.data_dir.eval_maps_dir(job_id).glob("shard*.npz"))
+    files = [file for file in files if file.is_file()]
     stride = _stride(files)
+    progress.phase("reading anomaly maps", len(files))
     for file in files:
+        progress.advance()
         with np.load(file) as saved:
             for path, amap in zip(saved["paths"], saved["maps"][:, ::stride, ::stride], strict=True):
                 path = str(path)
@@ -103,6 +115,7 @@ def _pixel_metrics(
         return {}
     maps = np.stack(maps_list)
     truths = np.stack(masks_list)
+    progress.phase("pixel metrics", 1)
     out: dict[str, float] = {"n_pixel_images": float(len(maps_list))}
     _put(out, "pixel_auroc", pixel_auroc(maps, truths))
     _put(out, "pro", pro_score(maps, truths))

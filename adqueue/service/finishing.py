@@ -1,8 +1,10 @@
-"""The end of a sharded job: whoever closes the last shard finishes it.
+"""The end of a sharded job, once every shard is closed.
 
-Score jobs simply end. Evaluate jobs compute their metrics first, from the results table (image
-scores, labels) and the anomaly maps the shards left under the data dir, store them in `metrics`
-and delete the maps.
+A score job simply ends, in the same step that notices its last shard closed. An evaluate job
+has a final step of its own, run as its own task (`run_finish`) under a lease: it recomputes the
+metrics from scratch from the results table and the anomaly maps its shards left under the data
+dir, and replaces whatever an earlier, crashed finishing stored. Running it twice is harmless,
+so the reconciler can simply run it again when a worker died in the middle.
 """
 
 from __future__ import annotations
@@ -10,44 +12,65 @@ from __future__ import annotations
 import logging
 import shutil
 import traceback
+from typing import TYPE_CHECKING
 
-from sqlalchemy import exists, select
-
+from adqueue.failpoints import failpoint
 from adqueue.service.context import Context
-from adqueue.store.models import Job, JobStatus, Metric, Shard, ShardStatus
-from adqueue.store.writes import claim_job_finish, end_job
+from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
+from adqueue.store.models import Job, JobStatus
+from adqueue.store.writes import claim_finish, close_if_complete, end_job_run, finish_with_metrics
+
+if TYPE_CHECKING:
+    from adqueue.service.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
 
-def finish_if_complete(ctx: Context, job_id: int) -> str | None:
-    """Finish the job if every shard is closed. Returns the final status if this call ended it."""
-    with ctx.store.session() as session:
-        status = claim_job_finish(session, job_id)
-    if status != JobStatus.FINISHING:
-        return status
+def after_shard_closed(ctx: Context, job_id: int, dispatcher: Dispatcher) -> str | None:
+    """End the job if that was its last open shard (score), or send its finishing (evaluate).
+
+    Returns the status a score job ended with, "finish" if a finishing was sent, else None."""
+    step = ctx.store.transaction(lambda session: close_if_complete(session, job_id), retry_s=DB_RETRY_S)
+    if step == "finish":
+        dispatcher.enqueue_finish(job_id)
+    return step
+
+
+def run_finish(ctx: Context, job_id: int, *, worker: str) -> str | None:
+    """Compute and store an evaluate job's metrics, then end it. Returns its final status, or
+    None if there was nothing to do (finished already, or another run holds it)."""
+    held = ctx.store.transaction(lambda session: claim_finish(session, job_id, worker, lease_until=lease_until(ctx)),
+                                 retry_s=DB_RETRY_S)
+    if held is None:
+        return None
+    if held.attempts > ctx.settings.max_attempts:
+        error = f"finishing gave up after {held.attempts - 1} attempt(s): the worker was lost each time"
+        with ctx.store.session() as session:
+            end_job_run(session, held, status=JobStatus.FAILED, error=error)
+        return JobStatus.FAILED
     from adqueue.service.evaluation import compute_job_metrics  # numpy/sklearn only when needed
 
+    progress = JobProgress(ctx, held, counts=False)  # the job's counts are its images'
     try:
-        metrics = compute_job_metrics(ctx, job_id)
+        failpoint("finish.metrics")
+        metrics = compute_job_metrics(ctx, job_id, progress=progress)
+        with ctx.store.session() as session:
+            job = session.get_one(Job, job_id)
+            dataset, model_id = job.source, job.model_id
+        assert model_id is not None, "evaluate jobs always have a model"
+        status = ctx.store.transaction(
+            lambda session: finish_with_metrics(session, held, metrics, dataset=dataset, model_id=model_id),
+            retry_s=DB_RETRY_S)
+        if status is None:
+            raise LeaseLost(f"finishing of job {job_id} lost its lease")
+    except LeaseLost as exc:
+        log.warning("%s; its metrics were not stored", exc)
+        return None
     except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost in a log only
         log.error("metrics for job %s failed:\n%s", job_id, traceback.format_exc())
         with ctx.store.session() as session:
-            end_job(session, job_id, status=JobStatus.FAILED, error=f"metrics failed: {exc}")
+            end_job_run(session, held, status=JobStatus.FAILED, error=f"metrics failed: {exc}")
         return JobStatus.FAILED
-    with ctx.store.session() as session:
-        job = session.get_one(Job, job_id)
-        session.add_all(
-            Metric(model_id=job.model_id, job_id=job_id, name=name, value=value, dataset=job.source)
-            for name, value in metrics.items()
-        )
-        failed = session.scalar(
-            select(exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED))
-        )
-        end_job(
-            session, job_id,
-            status=JobStatus.FAILED if failed else JobStatus.DONE,
-            error="some shards failed; metrics cover the images that were scored" if failed else None,
-        )
-    shutil.rmtree(ctx.data_dir.eval_maps_dir(job_id), ignore_errors=True)
-    return JobStatus.FAILED if failed else JobStatus.DONE
+    if status == JobStatus.DONE:  # a failed job keeps its maps: `resume` reruns only what failed
+        shutil.rmtree(ctx.data_dir.eval_maps_dir(job_id), ignore_errors=True)
+    return status

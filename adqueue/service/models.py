@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from adqueue.artifacts import ModelFile, load_model, save_model
-from adqueue.errors import AdqueueError, ModelNotFound
+from adqueue.errors import AdqueueError, ModelNotFound, ModelUnavailable
 from adqueue.service.context import Context
 from adqueue.store.models import Model
 
@@ -79,18 +79,21 @@ def load_detector(ctx: Context, model: Model, device: Any = "cpu") -> LoadedMode
     from adqueue.detectors import registry
 
     stored = load_model(ctx.data_dir.resolve(model.artifact_path))
-    detector = registry.create(stored.detector, stored.config)
+    try:
+        detector = registry.create(stored.detector, stored.config)
+    except (ValueError, TypeError) as exc:
+        raise ModelUnavailable(f"model file {model.artifact_path} does not describe a usable detector: {exc}") from None
     expected = stored.extra.get("backbone") or {}
     actual = detector.backbone_identity()
     if expected and expected != actual:
-        raise AdqueueError(
+        raise ModelUnavailable(
             f"model {model.name}:{model.version} was trained on backbone weights {expected} but this "
             f"host has {actual}: install the same weights package or file"
         )
     missing, unexpected = detector.load_state_dict(stored.state, strict=False)
     missing = [key for key in missing if not key.startswith(detector.frozen_prefixes)]
     if missing or unexpected:
-        raise AdqueueError(
+        raise ModelUnavailable(
             f"model file {model.artifact_path} does not match detector {stored.detector}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -1,9 +1,13 @@
-"""Score one shard: claim it, decode and score its images in batches, write everything at once.
+"""Score one shard: claim it under a lease, score its images in batches, write everything at once.
 
 The same function serves score and evaluate jobs (evaluate also keeps the anomaly maps for the
-pixel metrics). A file that cannot be decoded becomes a result row with an error; an exception
-anywhere else releases the shard for another attempt, up to `max_attempts`, after which its
-images get error rows and the shard is failed, so a poisoned shard cannot loop forever.
+pixel metrics). A file that cannot be decoded becomes a result row with an error. The lease is
+renewed as batches complete; a run that finds it gone (cancelled, or expired and taken over)
+stops and writes nothing, and the rows of a shard are written in the same transaction as its
+guarded completion. An exception releases the shard for another attempt, up to `max_attempts`,
+after which its images get error rows and the shard is failed, so a poisoned shard cannot loop
+forever; a missing or broken model file fails the whole job at once instead, since no retry can
+fix it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,24 +31,42 @@ from adqueue.data.io import read_image
 from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_float
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Detector, Scores
-from adqueue.errors import ImageError
+from adqueue.errors import ImageError, ModelUnavailable
+from adqueue.failpoints import failpoint
 from adqueue.heatmaps import render_overlay
 from adqueue.service.context import Context
-from adqueue.service.finishing import finish_if_complete
+from adqueue.service.finishing import after_shard_closed
+from adqueue.service.leases import DB_RETRY_S, Lease, LeaseLost, lease_until
 from adqueue.service.models import LoadedModel
-from adqueue.store.models import JobKind, ShardStatus, utcnow
-from adqueue.store.writes import ClaimedShard, claim_shard, complete_shard, release_shard, upsert_results
+from adqueue.store.models import JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
+from adqueue.store.queries import shard_job_id
+from adqueue.store.writes import (
+    ClaimedShard,
+    claim_shard,
+    complete_shard,
+    end_run,
+    give_up_shard,
+    release_shard,
+    renew_shard_lease,
+    stop_job,
+)
+
+if TYPE_CHECKING:
+    from adqueue.service.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
 HEATMAP_MODES = ("flagged", "all", "none")
+MAX_RETRY_DELAY_S = 300.0
 
 
 class ShardOutcome(Enum):
     DONE = "done"
-    RETRY = "retry"  # released for another attempt
+    RETRY = "retry"  # released for another attempt (its message is already sent)
     FAILED = "failed"  # gave up after max attempts
-    SKIPPED = "skipped"  # already finished by someone else
+    SKIPPED = "skipped"  # closed, or held by a live run: a duplicate delivery
+    LOST = "lost"  # the lease was lost mid-run (cancelled, or expired and taken over): nothing written
+    JOB_FAILED = "job_failed"  # a permanent error (the model file) failed the whole job
 
 
 ModelProvider = Callable[[int], LoadedModel]
@@ -55,60 +78,90 @@ def run_shard(
     *,
     models: ModelProvider,
     worker: str,
+    dispatcher: Dispatcher,
     on_batch: Callable[[int], None] | None = None,
 ) -> ShardOutcome:
-    with ctx.store.session() as session:
-        claimed = claim_shard(session, shard_id, worker)
+    claimed = ctx.store.transaction(
+        lambda session: claim_shard(session, shard_id, worker, lease_until=lease_until(ctx)), retry_s=DB_RETRY_S)
     if claimed is None:
+        # A duplicate delivery, or the redelivery of a shard whose worker died right after closing
+        # it: make sure its job does not stay behind.
+        job_id = ctx.store.transaction(lambda session: shard_job_id(session, shard_id))
+        if job_id is not None:
+            after_shard_closed(ctx, job_id, dispatcher)
         return ShardOutcome.SKIPPED
     if claimed.attempts > ctx.settings.max_attempts:
         _give_up(ctx, claimed, f"gave up after {claimed.attempts - 1} attempt(s)")
+        after_shard_closed(ctx, claimed.job_id, dispatcher)
         return ShardOutcome.FAILED
+    def batch_done(n: int) -> None:
+        lease.touch()
+        if on_batch is not None:
+            on_batch(n)
+
     try:
         if claimed.model_id is None:
-            raise RuntimeError(f"job {claimed.job_id} has no model")
+            raise ModelUnavailable(f"job {claimed.job_id} has no model")
+        loaded = models(claimed.model_id)
+        # Timed from here: loading a model once per process is not a step to stretch the lease by.
+        lease = Lease(ctx, lambda session, until: renew_shard_lease(session, shard_id, claimed.run_id, until),
+                      f"shard {shard_id} (job {claimed.job_id})")
+        lease.touch(force=True)
         output = score_items(
-            ctx, models(claimed.model_id), [Item.from_row(row) for row in claimed.items],
+            ctx, loaded, [Item.from_row(row) for row in claimed.items],
             job_id=claimed.job_id,
             heatmaps=str(claimed.job_params.get("heatmaps", "flagged")),
             keep_maps=claimed.job_kind == JobKind.EVALUATE,
-            on_batch=on_batch,
+            on_batch=batch_done,
         )
         if output.maps is not None:
             _save_eval_maps(ctx, claimed, output)
+        won = ctx.store.transaction(lambda session: complete_shard(
+            session, claimed, output.rows, n_ok=output.n_ok, n_failed=len(output.rows) - output.n_ok),
+            retry_s=DB_RETRY_S)
+        if not won:
+            raise LeaseLost(f"shard {shard_id} (job {claimed.job_id}) lost its lease before its results were "
+                            "written (cancelled, or taken over after it expired)")
+    except LeaseLost as exc:
+        log.warning("%s; its results were not written", exc)
         with ctx.store.session() as session:
-            rows = [{**row, "job_id": claimed.job_id, "shard_id": claimed.shard_id} for row in output.rows]
-            upsert_results(session, rows)
-            complete_shard(session, claimed, n_ok=output.n_ok, n_failed=len(rows) - output.n_ok)
+            end_run(session, claimed.run_id, RunOutcome.LOST, str(exc))
+        return ShardOutcome.LOST
+    except ModelUnavailable as exc:
+        log.error("job %s failed: %s", claimed.job_id, exc)
+        with ctx.store.session() as session:
+            stop_job(session, claimed.job_id, status=JobStatus.FAILED, error=str(exc), shards_to=ShardStatus.FAILED,
+                     outcome=RunOutcome.FAILED)
+        return ShardOutcome.JOB_FAILED
     except Exception as exc:  # noqa: BLE001 - any failure is recorded, then retried or given up
         error = f"{type(exc).__name__}: {exc}"
         log.error("shard %s (job %s) attempt %s failed: %s\n%s", shard_id, claimed.job_id,
                   claimed.attempts, error, traceback.format_exc())
-        if claimed.attempts < ctx.settings.max_attempts:
-            with ctx.store.session() as session:
-                release_shard(session, shard_id, error)
-            return ShardOutcome.RETRY
-        _give_up(ctx, claimed, error)
-        return ShardOutcome.FAILED
-    finish_if_complete(ctx, claimed.job_id)
+        if claimed.attempts >= ctx.settings.max_attempts:
+            _give_up(ctx, claimed, error)
+            after_shard_closed(ctx, claimed.job_id, dispatcher)
+            return ShardOutcome.FAILED
+        delay = min(ctx.settings.retry_delay_s * 4 ** (claimed.attempts - 1), MAX_RETRY_DELAY_S)
+        retry_at = utcnow() + timedelta(seconds=delay)
+        with ctx.store.session() as session:
+            released = release_shard(session, claimed, error, retry_at=retry_at)
+        if released:
+            dispatcher.enqueue_shards([shard_id], countdown=delay)
+        return ShardOutcome.RETRY
+    except BaseException:  # Ctrl-C or a signal in an embedded run: this attempt does not count
+        with ctx.store.session() as session:
+            release_shard(session, claimed, "interrupted", retry_at=None, counted=False)
+        raise
+    failpoint("shard.committed")
+    after_shard_closed(ctx, claimed.job_id, dispatcher)
     return ShardOutcome.DONE
 
 
 def _give_up(ctx: Context, claimed: ClaimedShard, error: str) -> None:
     """Fail the shard, with an error row for each of its images so none goes missing."""
-    message = f"shard failed: {error}"
-    rows = [
-        {
-            "job_id": claimed.job_id, "shard_id": claimed.shard_id, "model_id": claimed.model_id,
-            "path": item.path, "label": item.label, "defect": item.defect, "error": message,
-            "scored_at": utcnow(),
-        }
-        for item in (Item.from_row(row) for row in claimed.items)
-    ]
     with ctx.store.session() as session:
-        upsert_results(session, rows)
-        complete_shard(session, claimed, n_ok=0, n_failed=len(rows), status=ShardStatus.FAILED, error=error)
-    finish_if_complete(ctx, claimed.job_id)
+        give_up_shard(session, claimed.shard_id, claimed.run_id, error, model_id=claimed.model_id,
+                      items=claimed.items)
 
 
 @dataclass
@@ -225,9 +278,10 @@ def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], 
 
 
 def _save_eval_maps(ctx: Context, claimed: ClaimedShard, output: ScoredItems) -> None:
+    """Named by run: a copy that lost its lease cannot overwrite the maps of the run that closed it."""
     assert output.maps is not None
     paths = list(output.maps)
     maps = np.stack([output.maps[p] for p in paths]) if paths else np.zeros((0, 1, 1), dtype=np.float16)
     buffer = io.BytesIO()
     np.savez(buffer, paths=np.array(paths), maps=maps, shape=np.array(maps.shape))
-    atomic_write_bytes(ctx.data_dir.eval_maps_file(claimed.job_id, claimed.seq), buffer.getvalue())
+    atomic_write_bytes(ctx.data_dir.eval_maps_file(claimed.job_id, claimed.seq, claimed.run_id), buffer.getvalue())

@@ -3,29 +3,39 @@
 Nothing here computes on images. Items are enumerated lazily and written a few dozen shards per
 transaction, each batch enqueued right after its commit, so memory stays flat for any dump size
 and workers can start on the first shards while the rest are still being listed.
+
+The submitter holds a lease on its job while it writes shards (renewed with each batch). If it
+dies, the reconciler takes the submission over once the lease expires and continues it from the
+last shard written (`continue_submission`); a Ctrl-C or signal marks the job for `resume`. The
+SQL rows are the outbox: a shard written but never sent to the broker is sent by the reconciler.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
-from sqlalchemy import case, exists, update
-
 from adqueue.data.sources import Item, Source, open_source
 from adqueue.detectors import registry
 from adqueue.errors import AdqueueError, SourceError
+from adqueue.failpoints import failpoint
 from adqueue.service.context import Context
+from adqueue.service.control import interruptions_marked
 from adqueue.service.dispatch import Dispatcher
-from adqueue.service.finishing import finish_if_complete
+from adqueue.service.finishing import after_shard_closed
+from adqueue.service.leases import DB_RETRY_S, LeaseLost, lease_until
 from adqueue.service.models import resolve_model
 from adqueue.service.scoring import HEATMAP_MODES
 from adqueue.service.training import split_train_settings
-from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
-from adqueue.store.writes import end_job
+from adqueue.store.models import Job, JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
+from adqueue.store.queries import submission_progress
+from adqueue.store.writes import ClaimedJob, add_shards, create_job, end_submission, stamp_enqueued_shards, stop_job
 
 SHARDS_PER_COMMIT = 64
 MAX_SHARD_SIZE = 10_000
@@ -61,13 +71,12 @@ def submit_train(
         raise SourceError(f"{source.describe()} has no defect-free images to train on")
     params = {"detector": detector, "settings": settings, "name": name, "split": source.split}
     with ctx.store.session() as session:
-        job = Job(kind=JobKind.TRAIN, status=JobStatus.QUEUED, source=str(source.root), params=params)
-        session.add(job)
-        session.flush()
-        job_id = job.id
-    _dispatch(ctx, job_id, lambda: dispatcher.enqueue_train(job_id))
+        job_id = create_job(session, kind=JobKind.TRAIN, source=str(source.root), params=params, model_id=None,
+                            queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx)).job_id
+    with submission_guard(ctx, job_id):
+        dispatcher.enqueue_train(job_id)
     dispatcher.after_submit(job_id)
-    return _submitted(ctx, job_id, n_shards=0)
+    return describe_job(ctx, job_id, n_shards=0)
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
@@ -112,65 +121,87 @@ def _submit_sharded(
     if heatmaps not in HEATMAP_MODES:
         raise AdqueueError(f"--heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {heatmaps!r}")
     items = source.items()
-    first = next(items, None)
-    if first is None:
+    if next(items, None) is None:
         raise SourceError(f"no images in {source.describe()}")
-    items = chain([first], items)
-    if kind == JobKind.EVALUATE:
-        items = (item for item in items if item.label is not None)
     with ctx.store.session() as session:
         model = resolve_model(session, model_ref)
-        job = Job(
-            kind=kind, status=JobStatus.SUBMITTING, model_id=model.id, source=str(source.root),
-            params={"model": f"{model.name}:{model.version}", "split": source.split,
-                    "heatmaps": heatmaps, "shard_size": shard_size},
-        )
-        session.add(job)
-        session.flush()
-        job_id, model_id = job.id, model.id
-    n_total, n_shards = _dispatch(ctx, job_id, lambda: _write_shards(ctx, dispatcher, job_id, items, shard_size))
+        params = {"model": f"{model.name}:{model.version}", "split": source.split, "heatmaps": heatmaps,
+                  "shard_size": shard_size}
+        held = create_job(session, kind=kind, source=str(source.root), params=params, model_id=model.id,
+                          queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
+        model_id = model.id
+    n_shards = continue_submission(ctx, dispatcher, held)
+    dispatcher.after_submit(held.job_id)
+    return describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id)
+
+
+def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) -> int:
+    """Write the job's shards from wherever its submission stopped (the start, for a new job),
+    then queue the job. Returns the number of shards written by this call."""
     with ctx.store.session() as session:
-        started = exists().where(Shard.job_id == job_id, Shard.status != ShardStatus.QUEUED)
-        session.execute(
-            update(Job).where(Job.id == job_id)
-            .values(n_total=n_total, status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED))
-        )
-    finish_if_complete(ctx, job_id)
-    dispatcher.after_submit(job_id)
-    return _submitted(ctx, job_id, n_shards=n_shards, model_id=model_id)
+        job = session.get_one(Job, held.job_id)
+        source_spec, kind, params = job.source, job.kind, dict(job.params)
+        n_shards, n_items, last_path = submission_progress(session, held.job_id)
+    with submission_guard(ctx, held.job_id):
+        source = open_source(source_spec, split=params.get("split"))
+        keep = _labeled if kind == JobKind.EVALUATE else None
+        items = source.items_after(n_items, last_path, keep)
+        try:
+            written = _write_shards(ctx, dispatcher, held, items, int(params["shard_size"]), first_seq=n_shards)
+        except LeaseLost:
+            return 0  # cancelled while submitting: nothing more to write
+        if not ctx.store.transaction(lambda session: end_submission(session, held), retry_s=DB_RETRY_S):
+            return written
+    after_shard_closed(ctx, held.job_id, dispatcher)  # every shard may already be done
+    return written
+
+
+def _labeled(item: Item) -> bool:
+    return item.label is not None
 
 
 def _write_shards(
-    ctx: Context, dispatcher: Dispatcher, job_id: int, items: Iterator[Item], shard_size: int
-) -> tuple[int, int]:
-    n_total = n_shards = 0
-    chunks = iter(lambda: list(islice(items, shard_size)), [])
+    ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, items: Iterator[Item], shard_size: int, *, first_seq: int
+) -> int:
+    n_shards = 0
+    chunks = iter(lambda: [item.to_row() for item in islice(items, shard_size)], [])
     while batch := list(islice(chunks, SHARDS_PER_COMMIT)):
-        with ctx.store.session() as session:
-            shards = [
-                Shard(job_id=job_id, seq=n_shards + offset, n_items=len(chunk), items=[i.to_row() for i in chunk])
-                for offset, chunk in enumerate(batch)
-            ]
-            session.add_all(shards)
-            session.flush()
-            ids = [shard.id for shard in shards]
+        seq = first_seq + n_shards
+        ids = ctx.store.transaction(
+            lambda session, batch=batch, seq=seq: add_shards(session, held, seq, batch, lease_until=lease_until(ctx)),
+            retry_s=DB_RETRY_S)
+        if ids is None:
+            raise LeaseLost(f"the submission of job {held.job_id} lost its lease (cancelled?)")
+        failpoint("submit.after_commit")
         dispatcher.enqueue_shards(ids)
+        with ctx.store.session() as session:  # sent: the reconciler's outbox no longer owes them
+            stamp_enqueued_shards(session, ids, utcnow())
         n_shards += len(batch)
-        n_total += sum(len(chunk) for chunk in batch)
-    return n_total, n_shards
+    return n_shards
 
 
-def _dispatch(ctx: Context, job_id: int, action: Any) -> Any:
-    """Run `action`; if enqueueing fails, the job is marked failed rather than left dangling."""
+@contextmanager
+def submission_guard(ctx: Context, job_id: int) -> Iterator[None]:
+    """A submission that fails is marked failed, and one stopped by a signal or Ctrl-C is marked
+    for `resume`, rather than left `submitting` (a SIGKILL is healed by the reconciler)."""
     try:
-        return action()
+        with interruptions_marked(ctx, job_id):
+            yield
     except Exception as exc:
+        error = f"submission failed: {exc}; `adqueue resume {job_id}` retries it"
         with ctx.store.session() as session:
-            end_job(session, job_id, status=JobStatus.FAILED, error=f"submission failed: {exc}")
+            stop_job(session, job_id, status=JobStatus.FAILED, error=error, shards_to=ShardStatus.QUEUED,
+                     outcome=RunOutcome.FAILED)
         raise
 
 
-def _submitted(ctx: Context, job_id: int, *, n_shards: int, model_id: int | None = None) -> Submitted:
+def submitter() -> str:
+    return f"submit-{os.getpid()}@{socket.gethostname()}"
+
+
+def describe_job(ctx: Context, job_id: int, *, n_shards: int | None = None, model_id: int | None = None) -> Submitted:
     with ctx.store.session() as session:
         job = session.get_one(Job, job_id, populate_existing=True)
+        if n_shards is None:
+            n_shards = submission_progress(session, job_id)[0]
         return Submitted(job.id, job.kind, job.status, job.n_total, n_shards, job.model_id or model_id)

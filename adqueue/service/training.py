@@ -3,6 +3,11 @@
 A seeded share of the training images (`calib_fraction`) is held out of fitting; the threshold is
 set on their scores for the target false-alarm rate (`fpr`), and the heat-map color range on their
 maps. Both are saved in the model file and the `models` row.
+
+The training runs under a lease renewed with its progress. A worker lost mid-training (killed,
+out of memory) stops renewing; the reconciler then queues the job again, up to `max_attempts`
+runs. A run that lost its lease registers nothing, and the model row is written in the same
+transaction as the guarded end of the job.
 """
 
 from __future__ import annotations
@@ -11,13 +16,12 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import or_, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -28,21 +32,22 @@ from adqueue.detectors import registry
 from adqueue.detectors.base import Detector, Progress
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
+from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
 from adqueue.service.models import next_version, save_detector
-from adqueue.store.models import Job, JobStatus, Model, utcnow
-from adqueue.store.writes import end_job
+from adqueue.store.models import Job, JobStatus, Model
+from adqueue.store.writes import ClaimedJob, claim_train, end_job_run
 
 log = logging.getLogger(__name__)
 
 # Settings of the training procedure itself; every other --set key belongs to the detector.
 TRAIN_KEYS = {"fpr": 0.01, "calib_fraction": 0.2, "seed": 0, "max_images": 0}
-STALE_HEARTBEAT = timedelta(minutes=5)
 
 
 class TrainOutcome(Enum):
     DONE = "done"
     FAILED = "failed"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"  # done already, or held by a live run: a duplicate delivery
+    LOST = "lost"  # cancelled, or taken over after its lease expired: registered nothing
 
 
 class TensorImages(Dataset[Tensor]):
@@ -94,46 +99,39 @@ def with_seed(detector: str, settings: dict[str, Any], seed: int) -> dict[str, A
     return {**settings, "seed": seed} if "seed" in fields else settings
 
 
-def run_train_job(ctx: Context, job_id: int, *, progress: Progress, device: torch.device) -> TrainOutcome:
-    if not _claim(ctx, job_id):
+def run_train_job(
+    ctx: Context, job_id: int, *, worker: str, device: torch.device, display: Progress | None = None
+) -> TrainOutcome:
+    held = ctx.store.transaction(lambda session: claim_train(session, job_id, worker, lease_until=lease_until(ctx)),
+                                 retry_s=DB_RETRY_S)
+    if held is None:
         return TrainOutcome.SKIPPED
+    if held.attempts > ctx.settings.max_attempts:
+        error = f"gave up after {held.attempts - 1} attempt(s): the worker training it was lost each time"
+        with ctx.store.session() as session:
+            end_job_run(session, held, status=JobStatus.FAILED, error=error)
+        return TrainOutcome.FAILED
+    progress = JobProgress(ctx, held, display)
     try:
         with ctx.store.session() as session:
             job = session.get_one(Job, job_id)
             params, source = dict(job.params), job.source
-        model_id = _train(ctx, job_id, params, source, progress=progress, device=device)
+        _train(ctx, held, params, source, progress=progress, device=device)
+    except LeaseLost as exc:
+        log.warning("train job %s: %s; nothing was registered", job_id, exc)
+        return TrainOutcome.LOST
     except Exception as exc:  # noqa: BLE001 - the job row carries the error
         if not isinstance(exc, (AdqueueError, ValueError)):
             log.error("train job %s failed:\n%s", job_id, traceback.format_exc())
         with ctx.store.session() as session:
-            end_job(session, job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            end_job_run(session, held, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         return TrainOutcome.FAILED
-    with ctx.store.session() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(model_id=model_id, phase="done"))
-        end_job(session, job_id, status=JobStatus.DONE)
     return TrainOutcome.DONE
 
 
-def _claim(ctx: Context, job_id: int) -> bool:
-    """Take a queued train job, or one whose worker stopped sending heartbeats."""
-    stale = utcnow() - STALE_HEARTBEAT
-    with ctx.store.session() as session:
-        won = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                or_(
-                    Job.status == JobStatus.QUEUED,
-                    (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale),
-                ),
-            )
-            .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=utcnow(), heartbeat_at=utcnow())
-        ).rowcount
-    return bool(won)
-
-
 def _train(
-    ctx: Context, job_id: int, params: dict[str, Any], source_spec: str, *, progress: Progress, device: torch.device
+    ctx: Context, held: ClaimedJob, params: dict[str, Any], source_spec: str, *, progress: JobProgress,
+    device: torch.device,
 ) -> int:
     train_settings, detector_settings = split_train_settings(params.get("settings", {}))
     torch.manual_seed(train_settings["seed"])
@@ -144,7 +142,7 @@ def _train(
     fit_pixels, failed = _load_pixels(fit_items, detector, progress)
     calib_pixels, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images")
     with ctx.store.session() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(n_failed=failed + calib_failed))
+        session.execute(update(Job).where(Job.id == held.job_id).values(n_failed=failed + calib_failed))
     n_images = len(fit_pixels) + len(calib_pixels)
     if len(fit_pixels) < 2:
         raise AdqueueError(f"only {len(fit_pixels)} readable training image(s) in {source_spec}: need at least 2")
@@ -163,11 +161,8 @@ def _train(
                 "losses": report.losses[-20:], **report.info},
         "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample},
     }
-    model_id = _register(ctx, job_id, params, detector, extra, train_settings)
-    with ctx.store.session() as session:  # the job's counts: images trained and calibrated on
-        session.execute(update(Job).where(Job.id == job_id).values(n_total=n_images + failed + calib_failed,
-                                                                     n_done=n_images))
-    return model_id
+    counts = {"n_total": n_images + failed + calib_failed, "n_done": n_images}  # trained and calibrated on
+    return _register(ctx, held, params, detector, extra, train_settings, counts)
 
 
 def _training_items(spec: str, split: str | None, max_images: int) -> list[Item]:
@@ -232,26 +227,40 @@ def _calibrate(detector: Detector, pixels: Tensor, fpr: float, progress: Progres
 
 
 def _register(
-    ctx: Context, job_id: int, params: dict[str, Any], detector: Detector, extra: dict[str, Any],
-    train_settings: dict[str, Any],
+    ctx: Context, held: ClaimedJob, params: dict[str, Any], detector: Detector, extra: dict[str, Any],
+    train_settings: dict[str, Any], counts: dict[str, int],
 ) -> int:
+    """Save the model file, then add the model row and end the job in one guarded transaction."""
     name = params["name"]
     for _ in range(5):  # two trainings of one name may race for the next version number
         with ctx.store.session() as session:
             version = next_version(session, name)
-        artifact = save_detector(ctx, detector, name=name, version=version, job_id=job_id, extra=extra)
+        artifact = save_detector(ctx, detector, name=name, version=version, job_id=held.job_id, extra=extra)
+
+        def register(session: Any, version: int = version, artifact: str = artifact) -> int:
+            model = Model(
+                name=name, version=version, detector=detector.name,
+                backbone=getattr(detector.config, "backbone", None),
+                params={"config": detector.config_dict(), "train": train_settings, "fit": extra["fit"],
+                        "map_range": extra["map_range"], "calibration": extra["calibration"]},
+                artifact_path=artifact, threshold=extra["threshold"], train_job_id=held.job_id,
+            )
+            session.add(model)
+            session.flush()
+            if not end_job_run(session, held, status=JobStatus.DONE, model_id=model.id, phase="done", **counts):
+                raise LeaseLost(f"train job {held.job_id} lost its lease before registering")
+            return model.id
+
         try:
-            with ctx.store.session() as session:
-                model = Model(
-                    name=name, version=version, detector=detector.name,
-                    backbone=getattr(detector.config, "backbone", None),
-                    params={"config": detector.config_dict(), "train": train_settings, "fit": extra["fit"],
-                            "map_range": extra["map_range"], "calibration": extra["calibration"]},
-                    artifact_path=artifact, threshold=extra["threshold"], train_job_id=job_id,
-                )
-                session.add(model)
-                session.flush()
-                return model.id
+            return ctx.store.transaction(register, retry_s=DB_RETRY_S)
         except IntegrityError:
+            ctx.data_dir.resolve(artifact).unlink(missing_ok=True)
             continue
+        except LeaseLost:
+            with ctx.store.session() as session:  # a retried commit may have registered it after all
+                registered = session.scalar(select(Model.id).where(Model.artifact_path == artifact))
+            if registered is None:
+                ctx.data_dir.resolve(artifact).unlink(missing_ok=True)
+                raise
+            return registered
     raise AdqueueError(f"could not register a new version of {name}: too many concurrent trainings")

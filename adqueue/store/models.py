@@ -48,22 +48,47 @@ class JobKind:
 
 
 class JobStatus:
-    SUBMITTING = "submitting"  # shards are still being written; no worker may finish the job yet
+    """The job states; store/writes.py holds every transition between them."""
+
+    SUBMITTING = "submitting"  # shards are still being written under the submitter's lease
     QUEUED = "queued"
     RUNNING = "running"
-    FINISHING = "finishing"  # one worker has claimed the final step (metrics)
+    FINISHING = "finishing"  # the final step (metrics) runs, or waits for a run, under a lease
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
     ACTIVE = (SUBMITTING, QUEUED, RUNNING, FINISHING)
-    ENDED = (DONE, FAILED)
+    ENDED = (DONE, FAILED, CANCELLED)
 
 
 class ShardStatus:
     QUEUED = "queued"
+    RUNNING = "running"  # held by the run in shards.run_id until shards.lease_expires_at
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    OPEN = (QUEUED, RUNNING)
+    REOPENABLE = (FAILED, CANCELLED)
+
+
+class RunKind:
+    """What a run holds a lease on: a shard, or a job's training, finishing or submission."""
+
+    SHARD = "shard"
+    TRAIN = "train"
+    FINISH = "finish"
+    SUBMIT = "submit"
+
+
+class RunOutcome:
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
-    OPEN = (QUEUED, RUNNING)
+    RELEASED = "released"  # failed in a way worth another attempt
+    INTERRUPTED = "interrupted"  # the process was told to stop (signal); not counted as an attempt
+    EXPIRED = "expired"  # its lease ran out (the worker died or hung); the reconciler took it back
+    LOST = "lost"  # it found its lease gone (expired and taken over, or cancelled) and wrote nothing
+    CANCELLED = "cancelled"
 
 
 class Model(Base):
@@ -102,6 +127,15 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # The Celery queue its messages go to; NULL for a job run by the submitting process (embedded).
+    queue: Mapped[str | None] = mapped_column(String(200))
+    # Set once every shard is written: a job without it has an unfinished submission to resume.
+    submitted_at: Mapped[datetime | None]
+    # The run (train, finish or submit) holding the job's lease: the fencing token of its writes.
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[datetime | None]
+    # When its last message (train or finish) was sent; NULL while one is owed.
+    enqueued_at: Mapped[datetime | None]
 
 
 class Shard(Base):
@@ -109,6 +143,7 @@ class Shard(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "seq", name="uq_shards_job_seq"),
         Index("ix_shards_job_status", "job_id", "status"),
+        Index("ix_shards_status_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -123,6 +158,28 @@ class Shard(Base):
     items: Mapped[list[Any]] = mapped_column(default=list)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(Integer)  # the run holding it, then the one that closed it
+    lease_expires_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]  # when its last message was sent (or falls due); NULL: one is owed
+    n_ok: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Run(Base):
+    """One attempt at a unit of work under a lease: who ran what, when, and how it ended."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_job", "job_id"), Index("ix_runs_shard", "shard_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    shard_id: Mapped[int | None] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(20), default=RunOutcome.RUNNING)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
 
 
@@ -150,6 +207,7 @@ class Result(Base):
     defect: Mapped[str | None] = mapped_column(String(100))
     scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # every score a detector offers
     scored_at: Mapped[datetime] = mapped_column(default=utcnow)
+    run_id: Mapped[int | None] = mapped_column(Integer)  # the shard run that wrote it
 
 
 class Metric(Base):

@@ -8,18 +8,23 @@ shard commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adqueue.errors import ConfigError
 
+log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+T = TypeVar("T")
 
 
 def normalize_url(url: str) -> str:
@@ -103,6 +108,24 @@ class Store:
         """One transaction: committed on success, rolled back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def transaction(self, work: Callable[[Session], T], *, retry_s: float = 0.0) -> T:
+        """`work` in one transaction, tried again for up to `retry_s` seconds while the database
+        is unreachable (a PostgreSQL restart, say). Only for guarded, idempotent work: a retry
+        after a commit whose reply was lost finds its guard already taken and changes nothing."""
+        deadline = time.monotonic() + retry_s
+        delay = 0.5
+        while True:
+            try:
+                with self.session() as session:
+                    return work(session)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                reason = (str(exc.orig or exc).strip().splitlines() or [""])[0][:200]
+                log.warning("database unavailable (%s); retrying in %.1f s", reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def dispose(self) -> None:
         """Drop pooled connections (after a fork, a child must not reuse its parent's sockets)."""

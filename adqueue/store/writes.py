@@ -1,31 +1,62 @@
-"""The write side of the job lifecycle, as single guarded SQL statements.
+"""Every job and shard state change: adqueue's state machine, each step one guarded statement.
 
-Every transition is a conditional UPDATE whose row count says whether this caller won it, so two
-workers handed the same shard (a redelivery after a lost ack) can never count it twice, and of
-several workers finishing the last shards exactly one finishes the job.
+    job     submitting ─► queued ─► running ─► done | failed                  score
+                                       └─────► finishing ─► done | failed     evaluate (metrics)
+            train:          queued ─► running ─► done | failed
+            any active state ─► cancelled (cancel) | failed (permanent error, stopped embedded run)
+            failed | cancelled | stuck ─► submitting | queued | running          (resume)
+
+    shard   queued ─► running ─► done | failed
+              ▲          │  retry, lease expired, interrupted
+              └──────────┘
+            queued | running ─► cancelled | failed         (its job was cancelled or failed)
+            failed | cancelled ─► queued                    (resume)
+
+Leases with fencing: claiming a shard, or a job's training, finishing or submission, starts a run
+(a row in `runs`) whose id goes into shards.run_id / jobs.run_id with a lease end. Renewing,
+completing, releasing and giving up are UPDATEs conditional on that id, so a run that lost its
+lease (it expired and was taken over, or the job was cancelled) changes nothing; a shard's result
+rows are written in the same transaction as its guarded completion, so such a run writes no row.
+A second delivery of a message whose shard holds a live lease claims nothing, so attempts count
+runs that started, not deliveries. Every function here either wins its guard (True, a row, an
+id) or changes nothing (False, None).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, insert, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from adqueue.store.models import Job, JobStatus, Result, Shard, ShardStatus, utcnow
+from adqueue.store.models import (
+    Job,
+    JobKind,
+    JobStatus,
+    Metric,
+    Result,
+    Run,
+    RunKind,
+    RunOutcome,
+    Shard,
+    ShardStatus,
+    utcnow,
+)
 
 # Columns an upsert refreshes when a (job_id, path) row already exists.
 _RESULT_UPDATE_COLUMNS = (
     "model_id", "shard_id", "sha256", "score", "is_anomaly", "heatmap_path", "error",
-    "width", "height", "label", "defect", "scores", "scored_at",
+    "width", "height", "label", "defect", "scores", "scored_at", "run_id",
 )
 
 
 @dataclass(frozen=True)
 class ClaimedShard:
+    run_id: int
     shard_id: int
     job_id: int
     seq: int
@@ -36,37 +67,173 @@ class ClaimedShard:
     job_params: dict[str, Any]
 
 
-def claim_shard(session: Session, shard_id: int, worker: str) -> ClaimedShard | None:
-    """Mark a queued (or abandoned running) shard as ours and count the attempt; None if it ended."""
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job-level run: a training, a finishing (metrics) or a submission."""
+
+    run_id: int
+    job_id: int
+    kind: str
+    attempts: int
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def _start_run(session: Session, kind: str, job_id: int, worker: str, now: datetime,
+               shard_id: int | None = None) -> int:
+    run = Run(kind=kind, job_id=job_id, shard_id=shard_id, worker=worker, outcome=RunOutcome.RUNNING,
+              started_at=now)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def end_run(session: Session, run_id: int | None, outcome: str, error: str | None = None,
+            now: datetime | None = None) -> None:
+    """Record how a run ended (once: a run already ended keeps its first outcome)."""
+    if run_id is None:
+        return
+    session.execute(
+        update(Run).where(Run.id == run_id, Run.outcome == RunOutcome.RUNNING)
+        .values(outcome=outcome, ended_at=now or utcnow(), error=error)
+    )
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def claim_shard(session: Session, shard_id: int, worker: str, *, lease_until: datetime,
+                now: datetime | None = None) -> ClaimedShard | None:
+    """Take a queued shard, or one whose lease expired; None if it is held, closed or gone."""
+    now = now or utcnow()
+    previous_run = session.scalar(select(Shard.run_id).where(Shard.id == shard_id))
     won = session.execute(
         update(Shard)
-        .where(Shard.id == shard_id, Shard.status.in_(ShardStatus.OPEN))
-        .values(
-            status=ShardStatus.RUNNING,
-            attempts=Shard.attempts + 1,
-            worker=worker,
-            started_at=utcnow(),
-        )
+        .where(Shard.id == shard_id, or_(
+            Shard.status == ShardStatus.QUEUED,
+            and_(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now),
+        ))
+        .values(status=ShardStatus.RUNNING, attempts=Shard.attempts + 1, worker=worker, started_at=now,
+                lease_expires_at=lease_until)
     ).rowcount
     if not won:
         return None
+    end_run(session, previous_run, RunOutcome.EXPIRED, "lease expired; taken over by " + worker, now)
     shard = session.get_one(Shard, shard_id, populate_existing=True)
+    run_id = _start_run(session, RunKind.SHARD, shard.job_id, worker, now, shard_id=shard_id)
+    session.execute(update(Shard).where(Shard.id == shard_id).values(run_id=run_id))
     job = session.get_one(Job, shard.job_id, populate_existing=True)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, started_at=func.coalesce(Job.started_at, utcnow()))
+        .values(status=JobStatus.RUNNING, started_at=func.coalesce(Job.started_at, now))
     )
-    return ClaimedShard(
-        shard_id=shard.id,
-        job_id=job.id,
-        seq=shard.seq,
-        attempts=shard.attempts,
-        items=list(shard.items),
-        job_kind=job.kind,
-        model_id=job.model_id,
-        job_params=dict(job.params or {}),
+    return ClaimedShard(run_id, shard.id, job.id, shard.seq, shard.attempts, list(shard.items), job.kind,
+                        job.model_id, dict(job.params or {}))
+
+
+def _held(shard_id: int, run_id: int) -> Any:
+    return and_(Shard.id == shard_id, Shard.run_id == run_id, Shard.status == ShardStatus.RUNNING)
+
+
+def renew_shard_lease(session: Session, shard_id: int, run_id: int, lease_until: datetime) -> bool:
+    """Extend the lease; False if this run no longer holds the shard (expired, cancelled)."""
+    return bool(session.execute(update(Shard).where(_held(shard_id, run_id))
+                                .values(lease_expires_at=lease_until)).rowcount)
+
+
+def complete_shard(
+    session: Session, claimed: ClaimedShard, rows: Sequence[dict[str, Any]], *, n_ok: int, n_failed: int,
+    status: str = ShardStatus.DONE, error: str | None = None, now: datetime | None = None,
+) -> bool:
+    """Close the shard, write its rows and add its counts to the job, only if this run holds it."""
+    now = now or utcnow()
+    won = session.execute(
+        update(Shard).where(_held(claimed.shard_id, claimed.run_id))
+        .values(status=status, finished_at=now, error=error, lease_expires_at=None, n_ok=n_ok, n_failed=n_failed)
+    ).rowcount
+    if not won:
+        return False
+    upsert_results(session, [{**row, "job_id": claimed.job_id, "shard_id": claimed.shard_id,
+                              "run_id": claimed.run_id} for row in rows])
+    session.execute(
+        update(Job).where(Job.id == claimed.job_id)
+        .values(n_done=Job.n_done + n_ok, n_failed=Job.n_failed + n_failed, heartbeat_at=now)
     )
+    end_run(session, claimed.run_id, RunOutcome.DONE if status == ShardStatus.DONE else RunOutcome.FAILED,
+            error, now)
+    return True
+
+
+def release_shard(session: Session, claimed: ClaimedShard, error: str, *, retry_at: datetime | None,
+                  counted: bool = True, now: datetime | None = None) -> bool:
+    """Put the shard back in the queue for another run; `counted=False` gives the attempt back."""
+    values: dict[str, Any] = {"status": ShardStatus.QUEUED, "run_id": None, "lease_expires_at": None,
+                              "error": error, "enqueued_at": retry_at}
+    if not counted:
+        values["attempts"] = Shard.attempts - 1
+    won = bool(session.execute(update(Shard).where(_held(claimed.shard_id, claimed.run_id)).values(**values))
+               .rowcount)
+    outcome = (RunOutcome.RELEASED if counted else RunOutcome.INTERRUPTED) if won else RunOutcome.LOST
+    end_run(session, claimed.run_id, outcome, error, now)
+    return won
+
+
+def requeue_expired_shard(session: Session, shard_id: int, run_id: int, now: datetime) -> bool:
+    """The reconciler takes back a shard whose run stopped renewing its lease (a dead worker)."""
+    won = session.execute(
+        update(Shard)
+        .where(_held(shard_id, run_id), Shard.lease_expires_at < now)
+        .values(status=ShardStatus.QUEUED, run_id=None, lease_expires_at=None, enqueued_at=None,
+                error="the worker running it stopped renewing its lease (lost or hung)")
+    ).rowcount
+    if won:
+        end_run(session, run_id, RunOutcome.EXPIRED, "lease expired", now)
+    return bool(won)
+
+
+def give_up_shard(session: Session, shard_id: int, run_id: int, error: str, *, model_id: int | None,
+                  items: Sequence[Sequence[Any]], only_if_expired: bool = False, now: datetime | None = None) -> bool:
+    """Fail the shard after its last attempt, with an error row per image so none goes missing."""
+    now = now or utcnow()
+    guard = [_held(shard_id, run_id)] + ([Shard.lease_expires_at < now] if only_if_expired else [])
+    won = session.execute(
+        update(Shard).where(*guard)
+        .values(status=ShardStatus.FAILED, finished_at=now, error=error, lease_expires_at=None,
+                n_ok=0, n_failed=len(items))
+    ).rowcount
+    if not won:
+        return False
+    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    message = f"shard failed: {error}"
+    upsert_results(session, [
+        {"job_id": job_id, "shard_id": shard_id, "run_id": run_id, "model_id": model_id, "path": path,
+         "label": label, "defect": defect, "error": message, "scored_at": now}
+        for path, label, defect, *_ in items
+    ])
+    session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + len(items), heartbeat_at=now))
+    end_run(session, run_id, RunOutcome.EXPIRED if only_if_expired else RunOutcome.FAILED, error, now)
+    return True
+
+
+def _owed(column: Any, sent_before: datetime | None) -> Any:
+    """Never sent, or (with `sent_before`) last sent before then and presumed lost."""
+    return column.is_(None) if sent_before is None else or_(column.is_(None), column < sent_before)
+
+
+def stamp_enqueued_shards(session: Session, shard_ids: Sequence[int], now: datetime,
+                          sent_before: datetime | None = None) -> list[int]:
+    """Record that messages are being sent for these queued shards; returns the ids this caller
+    won. Only shards still owed a message are won, so of several reconcilers noticing the same
+    lost message exactly one sends it again."""
+    if not shard_ids:
+        return []
+    return list(session.scalars(
+        update(Shard)
+        .where(Shard.id.in_(list(shard_ids)), Shard.status == ShardStatus.QUEUED, _owed(Shard.enqueued_at, sent_before))
+        .values(enqueued_at=now).returning(Shard.id)
+    ))
 
 
 def upsert_results(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -87,71 +254,330 @@ def upsert_results(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     session.execute(statement, list(rows))
 
 
-def complete_shard(
-    session: Session, claimed: ClaimedShard, *, n_ok: int, n_failed: int, status: str = ShardStatus.DONE,
-    error: str | None = None,
-) -> bool:
-    """Close the shard and add its counts to the job, once. False if another run closed it first."""
+# --- submission -------------------------------------------------------------------------------
+
+
+def create_job(session: Session, *, kind: str, source: str, params: dict[str, Any], model_id: int | None,
+               queue: str | None, worker: str, lease_until: datetime, now: datetime | None = None) -> ClaimedJob:
+    """A train job starts queued (its message follows); a sharded one starts `submitting`, held
+    by the submitter's run until every shard is written."""
+    now = now or utcnow()
+    sharded = kind != JobKind.TRAIN
+    job = Job(kind=kind, status=JobStatus.SUBMITTING if sharded else JobStatus.QUEUED, source=source,
+              params=params, model_id=model_id, queue=queue, created_at=now,
+              submitted_at=None if sharded else now, enqueued_at=None if sharded else now)
+    session.add(job)
+    session.flush()
+    if not sharded:
+        return ClaimedJob(0, job.id, kind, 0)
+    run_id = _start_run(session, RunKind.SUBMIT, job.id, worker, now)
+    job.run_id, job.lease_expires_at = run_id, lease_until
+    return ClaimedJob(run_id, job.id, kind, 0)
+
+
+def claim_submission(session: Session, job_id: int, worker: str, *, lease_until: datetime, queue: str | None,
+                     reopen: bool, now: datetime | None = None) -> ClaimedJob | None:
+    """Take over an unfinished submission whose submitter died (its lease expired) or, with
+    `reopen` (resume), one that was stopped, failed or cancelled."""
+    now = now or utcnow()
+    statuses = or_(and_(Job.status == JobStatus.SUBMITTING, Job.lease_expires_at < now),
+                   Job.status.in_((JobStatus.FAILED, JobStatus.CANCELLED)) if reopen else False)
     won = session.execute(
-        update(Shard)
-        .where(Shard.id == claimed.shard_id, Shard.status == ShardStatus.RUNNING)
-        .values(status=status, finished_at=utcnow(), error=error)
+        update(Job).where(Job.id == job_id, Job.submitted_at.is_(None), Job.kind != JobKind.TRAIN, statuses)
+        .values(status=JobStatus.SUBMITTING, lease_expires_at=lease_until, error=None, finished_at=None,
+                queue=queue, attempts=Job.attempts + 1)
     ).rowcount
     if not won:
-        return False
-    session.execute(
-        update(Job)
-        .where(Job.id == claimed.job_id)
-        .values(n_done=Job.n_done + n_ok, n_failed=Job.n_failed + n_failed, heartbeat_at=utcnow())
-    )
-    return True
+        return None
+    job = session.get_one(Job, job_id, populate_existing=True)
+    end_run(session, job.run_id, RunOutcome.EXPIRED, "lease expired", now)
+    run_id = _start_run(session, RunKind.SUBMIT, job_id, worker, now)
+    job.run_id = run_id
+    if reopen:  # shards a cancel or failure closed while the submission ran are open again
+        _reopen_shards(session, job_id, now)
+    return ClaimedJob(run_id, job_id, job.kind, job.attempts)
 
 
-def release_shard(session: Session, shard_id: int, error: str) -> None:
-    """Put a shard back in the queue after a failed attempt that will be retried."""
-    session.execute(
-        update(Shard)
-        .where(Shard.id == shard_id, Shard.status == ShardStatus.RUNNING)
-        .values(status=ShardStatus.QUEUED, error=error)
-    )
+def add_shards(session: Session, held: ClaimedJob, first_seq: int, chunks: Sequence[Sequence[list[Any]]], *,
+               lease_until: datetime) -> list[int] | None:
+    """Write the next shards of a submission and renew its lease; None if the lease was lost."""
+    if not _renew_job(session, held, lease_until, statuses=(JobStatus.SUBMITTING,)):
+        return None
+    shards = [Shard(job_id=held.job_id, seq=first_seq + offset, n_items=len(chunk), items=list(chunk))
+              for offset, chunk in enumerate(chunks)]  # owed a message until stamp_enqueued_shards
+    session.add_all(shards)
+    session.flush()
+    return [shard.id for shard in shards]
 
 
-def claim_job_finish(session: Session, job_id: int) -> str | None:
-    """If no shard is open any more, move the job on; returns the status this call set, or None.
-
-    Score jobs end here (done, or failed if a shard failed). Evaluate jobs go to `finishing`: the
-    winner computes the metrics and ends the job afterwards.
-    """
-    open_shards = exists().where(Shard.job_id == job_id, Shard.status.in_(ShardStatus.OPEN))
-    failed_shards = exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
-    job_kind = session.scalar(select(Job.kind).where(Job.id == job_id))
-    if job_kind == "evaluate":
-        new_status: Any = JobStatus.FINISHING
-    else:
-        new_status = case((failed_shards, JobStatus.FAILED), else_=JobStatus.DONE)
+def end_submission(session: Session, held: ClaimedJob, now: datetime | None = None) -> bool:
+    """Every shard is written: the job is queued (or running, if workers already started)."""
+    now = now or utcnow()
+    started = exists().where(Shard.job_id == held.job_id, Shard.status != ShardStatus.QUEUED)
+    total = select(func.coalesce(func.sum(Shard.n_items), 0)).where(Shard.job_id == held.job_id).scalar_subquery()
     won = session.execute(
-        update(Job)
-        .where(
-            and_(Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), ~open_shards)
-        )
-        .values(status=new_status, finished_at=utcnow())
+        update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status == JobStatus.SUBMITTING)
+        .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED), n_total=total,
+                submitted_at=now, lease_expires_at=None, attempts=0)
+    ).rowcount
+    if won:
+        end_run(session, held.run_id, RunOutcome.DONE, now=now)
+    return bool(won)
+
+
+# --- job-level runs: training and finishing -----------------------------------------------------
+
+
+def _claim_job(session: Session, job_id: int, kind: str, claimable: Any, status: str, worker: str,
+               lease_until: datetime, now: datetime) -> ClaimedJob | None:
+    previous_run = session.scalar(select(Job.run_id).where(Job.id == job_id))
+    won = session.execute(
+        update(Job).where(Job.id == job_id, claimable)
+        .values(status=status, attempts=Job.attempts + 1, lease_expires_at=lease_until, heartbeat_at=now,
+                started_at=func.coalesce(Job.started_at, now))
+    ).rowcount
+    if not won:
+        return None
+    end_run(session, previous_run, RunOutcome.EXPIRED, "lease expired; taken over by " + worker, now)
+    run_id = _start_run(session, kind, job_id, worker, now)
+    session.execute(update(Job).where(Job.id == job_id).values(run_id=run_id))
+    job = session.get_one(Job, job_id, populate_existing=True)
+    return ClaimedJob(run_id, job_id, job.kind, job.attempts)
+
+
+def claim_train(session: Session, job_id: int, worker: str, *, lease_until: datetime,
+                now: datetime | None = None) -> ClaimedJob | None:
+    now = now or utcnow()
+    claimable = and_(Job.kind == JobKind.TRAIN, or_(
+        Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)))
+    return _claim_job(session, job_id, RunKind.TRAIN, claimable, JobStatus.RUNNING, worker, lease_until, now)
+
+
+def _all_shards_closed(job_id: Any) -> Any:
+    return ~exists().where(Shard.job_id == job_id, Shard.status.in_(ShardStatus.OPEN))
+
+
+def _complete() -> Any:
+    """A sharded job whose shards are all written and closed."""
+    return and_(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.submitted_at.is_not(None),
+                _all_shards_closed(Job.id))
+
+
+def claim_finish(session: Session, job_id: int, worker: str, *, lease_until: datetime,
+                 now: datetime | None = None) -> ClaimedJob | None:
+    """Take an evaluate job's final step: when all its shards are closed, or a finishing run died."""
+    now = now or utcnow()
+    claimable = and_(Job.kind == JobKind.EVALUATE, or_(
+        _complete(),
+        and_(Job.status == JobStatus.FINISHING, or_(Job.run_id.is_(None), Job.lease_expires_at < now)),
+    ))
+    return _claim_job(session, job_id, RunKind.FINISH, claimable, JobStatus.FINISHING, worker, lease_until, now)
+
+
+def _renew_job(session: Session, held: ClaimedJob, lease_until: datetime, *, statuses: tuple[str, ...],
+               **values: Any) -> bool:
+    return bool(session.execute(
+        update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status.in_(statuses))
+        .values(lease_expires_at=lease_until, heartbeat_at=utcnow(), **values)
+    ).rowcount)
+
+
+def renew_job_lease(session: Session, held: ClaimedJob, lease_until: datetime, **progress: Any) -> bool:
+    """Extend a training's or finishing's lease (with its progress); False if it was lost."""
+    return _renew_job(session, held, lease_until, statuses=(JobStatus.RUNNING, JobStatus.FINISHING), **progress)
+
+
+def end_job_run(session: Session, held: ClaimedJob, *, status: str, error: str | None = None,
+                now: datetime | None = None, **values: Any) -> bool:
+    """End the job from the run holding it (a finished training, metrics, or their failure)."""
+    now = now or utcnow()
+    won = session.execute(
+        update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status.in_(JobStatus.ACTIVE))
+        .values(status=status, error=error, finished_at=now, lease_expires_at=None, **values)
+    ).rowcount
+    if won:
+        end_run(session, held.run_id, RunOutcome.DONE if status == JobStatus.DONE else RunOutcome.FAILED, error, now)
+    return bool(won)
+
+
+def finish_with_metrics(session: Session, held: ClaimedJob, metrics: dict[str, float], *, dataset: str,
+                        model_id: int, now: datetime | None = None) -> str | None:
+    """End a finishing evaluate job with its metrics, replacing any an earlier run stored."""
+    now = now or utcnow()
+    failed = session.scalar(select(func.count()).select_from(Shard).where(
+        Shard.job_id == held.job_id, Shard.status == ShardStatus.FAILED))
+    status = JobStatus.FAILED if failed else JobStatus.DONE
+    error = f"{failed} shard(s) failed; metrics cover the images that were scored" if failed else None
+    if not end_job_run(session, held, status=status, error=error, now=now, phase=None):
+        return None
+    session.execute(delete(Metric).where(Metric.job_id == held.job_id))
+    if metrics:
+        session.execute(insert(Metric), [
+            {"model_id": model_id, "job_id": held.job_id, "name": name, "value": value, "dataset": dataset,
+             "created_at": now} for name, value in metrics.items()
+        ])
+    return status
+
+
+def close_if_complete(session: Session, job_id: int, now: datetime | None = None) -> str | None:
+    """Once every shard of a sharded job is closed: a score job ends here (done, or failed if a
+    shard failed) and that status is returned; an evaluate job returns "finish" to the one caller
+    that must send its finishing message."""
+    now = now or utcnow()
+    kind = session.scalar(select(Job.kind).where(Job.id == job_id))
+    if kind == JobKind.EVALUATE:
+        won = session.execute(
+            update(Job).where(Job.id == job_id, _complete(), Job.enqueued_at.is_(None)).values(enqueued_at=now)
+        ).rowcount
+        return "finish" if won else None
+    if kind != JobKind.SCORE:
+        return None
+    failed = exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
+    won = session.execute(
+        update(Job).where(Job.id == job_id, _complete())
+        .values(status=case((failed, JobStatus.FAILED), else_=JobStatus.DONE), finished_at=now)
     ).rowcount
     if not won:
         return None
     job = session.get_one(Job, job_id, populate_existing=True)
     if job.status == JobStatus.FAILED and not job.error:
-        failed = session.scalar(
-            select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
-        )
-        job.error = f"{failed} shard(s) failed after {_max_attempts_hint(session, job_id)} attempt(s)"
+        n_failed, attempts = session.execute(
+            select(func.count(), func.max(Shard.attempts)).where(
+                Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
+        ).one()
+        job.error = f"{n_failed} shard(s) failed after {attempts} attempt(s)"
     return job.status
 
 
-def _max_attempts_hint(session: Session, job_id: int) -> int:
-    return int(session.scalar(select(func.max(Shard.attempts)).where(Shard.job_id == job_id)) or 0)
+def requeue_expired_job(session: Session, job_id: int, run_id: int, now: datetime) -> bool:
+    """The reconciler takes back a training or finishing whose run stopped renewing its lease."""
+    won = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.run_id == run_id, Job.lease_expires_at < now,
+               Job.status.in_((JobStatus.RUNNING, JobStatus.FINISHING)))
+        .values(status=case((Job.kind == JobKind.TRAIN, JobStatus.QUEUED), else_=JobStatus.FINISHING),
+                run_id=None, lease_expires_at=None, enqueued_at=None)
+    ).rowcount
+    if won:
+        end_run(session, run_id, RunOutcome.EXPIRED, "lease expired", now)
+    return bool(won)
 
 
-def end_job(session: Session, job_id: int, *, status: str, error: str | None = None) -> None:
+def stamp_enqueued_job(session: Session, job_id: int, now: datetime, sent_before: datetime | None = None) -> bool:
+    """Like stamp_enqueued_shards, for a job's own message (its training or finishing)."""
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE), _owed(Job.enqueued_at, sent_before))
+        .values(enqueued_at=now)
+    ).rowcount)
+
+
+# --- stopping and reopening whole jobs ----------------------------------------------------------
+
+
+def last_activity() -> Any:
+    """When anything last happened to a job: a shard closed, a lease renewed, its submission."""
+    return func.coalesce(Job.heartbeat_at, Job.submitted_at, Job.created_at)
+
+
+def stop_job(
+    session: Session, job_id: int, *, status: str, error: str, shards_to: str, outcome: str,
+    from_statuses: Sequence[str] = JobStatus.ACTIVE, attempt_counts: bool = True,
+    expired_before: datetime | None = None, idle_before: datetime | None = None, now: datetime | None = None,
+) -> bool:
+    """End an active job from outside its runs: cancel (shards cancelled), a permanent error
+    (shards failed), or an embedded run that stopped (shards queued again, for `resume`).
+    Runs still holding a lease on it lose it: they notice at their next renewal and write nothing.
+    `attempt_counts=False` (a process told to stop) gives the interrupted runs their attempt back;
+    `expired_before` (the reconciler) acts only if a lease on the job or a shard ran out by then,
+    `idle_before` only if nothing has happened to the job since then and no shard is running."""
+    now = now or utcnow()
+    values: dict[str, Any] = {"status": status, "error": error, "finished_at": now, "lease_expires_at": None}
+    if not attempt_counts:
+        job_run_live = and_(Job.lease_expires_at.is_not(None), Job.attempts > 0)
+        values["attempts"] = case((job_run_live, Job.attempts - 1), else_=Job.attempts)
+    guard = [Job.id == job_id, Job.status.in_(list(from_statuses))]
+    if expired_before is not None:
+        guard.append(or_(Job.lease_expires_at < expired_before, exists().where(
+            Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < expired_before)))
+    if idle_before is not None:
+        guard.append(and_(last_activity() < idle_before, ~exists().where(
+            Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)))
+    won = session.execute(update(Job).where(*guard).values(**values)).rowcount
+    if not won:
+        return False
+    open_shards = and_(Shard.job_id == job_id, Shard.status.in_(ShardStatus.OPEN))
+    if not attempt_counts:
+        session.execute(update(Shard).where(open_shards, Shard.status == ShardStatus.RUNNING)
+                        .values(attempts=Shard.attempts - 1))
+    shard_values: dict[str, Any] = {"status": shards_to, "run_id": None, "lease_expires_at": None}
+    if shards_to == ShardStatus.QUEUED:
+        shard_values["enqueued_at"] = None
+    else:
+        shard_values.update(finished_at=now, error=error)
+    session.execute(update(Shard).where(open_shards).values(**shard_values))
+    session.execute(update(Run).where(Run.job_id == job_id, Run.outcome == RunOutcome.RUNNING)
+                    .values(outcome=outcome, ended_at=now, error=error))
+    return True
+
+
+def _reopen_shards(session: Session, job_id: int, now: datetime) -> None:
+    """Failed and cancelled shards, and running ones whose lease expired, go back to the queue
+    with a fresh attempt budget; their counts come off the job. Done shards stay done."""
+    reopen = and_(Shard.job_id == job_id, or_(
+        Shard.status.in_(ShardStatus.REOPENABLE),
+        and_(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now),
+    ))
+    ok, failed = session.execute(
+        select(func.coalesce(func.sum(Shard.n_ok), 0), func.coalesce(func.sum(Shard.n_failed), 0)).where(reopen)
+    ).one()
+    expired_runs = select(Shard.run_id).where(reopen, Shard.status == ShardStatus.RUNNING).scalar_subquery()
+    session.execute(update(Run).where(Run.id.in_(expired_runs), Run.outcome == RunOutcome.RUNNING)
+                    .values(outcome=RunOutcome.EXPIRED, ended_at=now))
     session.execute(
-        update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=utcnow())
+        update(Shard).where(reopen)
+        .values(status=ShardStatus.QUEUED, attempts=0, run_id=None, lease_expires_at=None, enqueued_at=None,
+                error=None, finished_at=None, n_ok=0, n_failed=0)
     )
+    session.execute(update(Job).where(Job.id == job_id)
+                    .values(n_done=Job.n_done - ok, n_failed=Job.n_failed - failed))
+
+
+def reopen_job(session: Session, job_id: int, *, queue: str | None, now: datetime | None = None) -> bool:
+    """Resume a train job, or a score/evaluate job whose shards are all written: whatever is not
+    done runs again, what is done stays done. Queued shards are marked as owed a message (a stuck
+    job's may have been lost); an evaluate job whose shards are all done goes back to finishing.
+    False if there is nothing to reopen: done, not submitted yet, or held by a live run."""
+    now = now or utcnow()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status == JobStatus.DONE:
+        return False
+    live = job.status in JobStatus.ACTIVE and job.lease_expires_at is not None and _aware(job.lease_expires_at) > now
+    if job.kind == JobKind.TRAIN:
+        if live:
+            return False
+        end_run(session, job.run_id, RunOutcome.EXPIRED, "reopened by resume", now)
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.QUEUED, attempts=0, run_id=None, lease_expires_at=None, error=None, finished_at=None,
+            enqueued_at=None, queue=queue))
+        return True
+    if job.submitted_at is None:
+        return False
+    _reopen_shards(session, job_id, now)
+    session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED)
+                    .values(enqueued_at=None))
+    session.execute(update(Job).where(Job.id == job_id).values(queue=queue, error=None, finished_at=None))
+    if live:  # a finishing run is alive; it will end the job
+        return True
+    end_run(session, job.run_id, RunOutcome.EXPIRED, "reopened by resume", now)
+    started = exists().where(Shard.job_id == job_id, Shard.status != ShardStatus.QUEUED)
+    session.execute(update(Job).where(Job.id == job_id).values(
+        status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED), run_id=None, lease_expires_at=None,
+        enqueued_at=None, attempts=0))
+    return True
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone; they are stored in UTC."""
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

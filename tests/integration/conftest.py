@@ -64,13 +64,17 @@ def make_deployment(kind: str, folder: Path, redis: str, database: str, **settin
     return Deployment(kind, env, folder)
 
 
+def database_for(request: pytest.FixtureRequest, kind: str, folder: Path) -> str:
+    """A fresh database: a SQLite file in `folder`, or a new database on the test PostgreSQL."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'adqueue.db'}"
+    return create_database(request.getfixturevalue("postgres_url"), f"adq_{uuid.uuid4().hex[:10]}")
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Deployment]:
     folder = tmp_path_factory.mktemp(f"deploy-{request.param}")
-    if request.param == "sqlite":
-        database = f"sqlite:///{folder / 'adqueue.db'}"
-    else:
-        database = create_database(request.getfixturevalue("postgres_url"), f"adq_{uuid.uuid4().hex[:10]}")
+    database = database_for(request, request.param, folder)
     deployment = make_deployment(request.param, folder, redis_url, database)
     deployment.start_workers(2)
     yield deployment

@@ -97,6 +97,9 @@ def test_sql_is_read_only(data_dir: Path, trained: dict, statement: str) -> None
     (["train", "--data", ".", "--name", "x", "--set", "bogus=1"], "unknown setting"),
     (["train", "--data", ".", "--name", "bad name!"], "invalid model name"),
     (["jobs", "999"], "no job 999"),
+    (["cancel", "999"], "no job 999"),
+    (["resume", "1"], "job 1 is done: nothing to resume"),
+    (["cancel", "1"], "job 1 is done already: nothing to cancel"),
     (["--db", "mysql://x/y", "jobs"], "unsupported database URL"),
 ])
 def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: list[str], message: str) -> None:
@@ -108,7 +111,7 @@ def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: l
 
 def test_every_verb_has_help() -> None:
     for verb in ["train", "score", "evaluate", "jobs", "results", "models", "sql", "worker", "db", "demo",
-                 "detectors"]:
+                 "detectors", "cancel", "resume", "reconcile"]:
         result = CliRunner().invoke(cli, [verb, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
 
@@ -120,3 +123,10 @@ def test_detectors_lists_settings_with_defaults(data_dir: Path) -> None:
     assert {r["setting"] for r in rows if r["detector"] == "(training)"} == {"fpr", "calib_fraction", "seed", "max_images"}
     assert "seed" not in mvg  # one seed for everything, set as a training key
     assert invoke(data_dir, "detectors", "nope", ok=False).exit_code != 0
+
+
+def test_reconcile_on_a_healthy_database_changes_nothing(data_dir: Path, trained: dict) -> None:
+    before = invoke(data_dir, "jobs", "--format", "json").stdout
+    report = json.loads(invoke(data_dir, "reconcile", "--format", "json").stdout)
+    assert set(report) >= {"shards_requeued", "messages_resent", "embedded_stopped"} and not any(report.values())
+    assert invoke(data_dir, "jobs", "--format", "json").stdout == before

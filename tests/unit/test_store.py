@@ -1,5 +1,10 @@
-"""The SQL store on SQLite: schema parity with the migration, idempotent writes, guarded steps."""
+"""The SQL store on SQLite: schema parity with the migration, idempotent writes, and the state
+machine's guards (leases with fencing, cancel, resume)."""
 
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -8,9 +13,32 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
 from adqueue.store.migrate import ensure_schema, head_revision
-from adqueue.store.models import Base, Job, JobStatus, Model, Result, Shard, ShardStatus, utcnow
+from adqueue.store.models import (
+    Base,
+    Job,
+    JobStatus,
+    Model,
+    Result,
+    Run,
+    RunOutcome,
+    Shard,
+    ShardStatus,
+    utcnow,
+)
 from adqueue.store.session import Store
-from adqueue.store.writes import claim_job_finish, claim_shard, complete_shard, release_shard, upsert_results
+from adqueue.store.writes import (
+    ClaimedShard,
+    claim_shard,
+    close_if_complete,
+    complete_shard,
+    release_shard,
+    renew_shard_lease,
+    reopen_job,
+    stop_job,
+    upsert_results,
+)
+
+LEASE = timedelta(seconds=30)
 
 
 @pytest.fixture
@@ -34,12 +62,14 @@ def test_sqlite_runs_in_wal_mode(store: Store) -> None:
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30000
 
 
-def _job_with_shards(store: Store, n_shards: int = 2) -> tuple[int, list[int]]:
+def job_with_shards(store: Store, n_shards: int = 2, kind: str = "score") -> tuple[int, list[int]]:
     with store.session() as session:
-        model = Model(name="m", version=1, detector="mvg", params={}, artifact_path="x", threshold=1.0)
+        model = Model(name=f"m{utcnow().timestamp()}", version=1, detector="mvg", params={}, artifact_path="x",
+                      threshold=1.0)
         session.add(model)
         session.flush()
-        job = Job(kind="score", status=JobStatus.QUEUED, model_id=model.id, source="/data", params={})
+        job = Job(kind=kind, status=JobStatus.QUEUED, model_id=model.id, source="/data", params={},
+                  queue="q", submitted_at=utcnow())
         session.add(job)
         session.flush()
         shards = [Shard(job_id=job.id, seq=i, n_items=2, items=[[f"/d/{i}a.png", None, None, None],
@@ -50,67 +80,147 @@ def _job_with_shards(store: Store, n_shards: int = 2) -> tuple[int, list[int]]:
         return job.id, [s.id for s in shards]
 
 
-def _rows(job_id: int, shard_id: int, score: float) -> list[dict]:
-    return [{"job_id": job_id, "shard_id": shard_id, "path": f"/d/{shard_id}{k}.png", "score": score,
-             "is_anomaly": score > 1, "scored_at": utcnow()} for k in "ab"]
+def rows(claimed: ClaimedShard, score: float) -> list[dict]:
+    return [{"path": path, "score": score, "is_anomaly": score > 1, "scored_at": utcnow()}
+            for path, *_ in claimed.items]
 
 
-def test_a_shard_run_twice_writes_nothing_twice(store: Store) -> None:
-    job_id, (first, _) = _job_with_shards(store)
-    for score in (0.5, 2.0):  # a redelivered shard, e.g. after a lost ack
-        with store.session() as session:
-            claimed = claim_shard(session, first, "w1")
-            assert claimed is not None
-            upsert_results(session, _rows(job_id, first, score))
-            complete_shard(session, claimed, n_ok=2, n_failed=0)
-        with store.session() as session:
-            session.execute(Shard.__table__.update().where(Shard.id == first).values(status="queued"))
+def claim(store: Store, shard_id: int, worker: str = "w", at: timedelta = timedelta(0)) -> ClaimedShard | None:
+    now = utcnow() + at
     with store.session() as session:
-        rows = session.scalars(select(Result).where(Result.job_id == job_id)).all()
-        assert len(rows) == 2 and {r.score for r in rows} == {2.0}
-        job = session.get_one(Job, job_id)
-        assert job.n_done == 4  # counted per completed run: the test re-queued it by hand
+        return claim_shard(session, shard_id, worker, lease_until=now + LEASE, now=now)
 
 
-def test_completion_is_counted_once_when_two_runs_race(store: Store) -> None:
-    job_id, (first, _) = _job_with_shards(store)
+def test_a_second_delivery_of_a_held_shard_claims_nothing_and_costs_no_attempt(store: Store) -> None:
+    _, (shard_id, _) = job_with_shards(store)
+    first = claim(store, shard_id, "w1")
+    assert first is not None and first.attempts == 1
+    assert claim(store, shard_id, "w2") is None  # the lease is live: a duplicate message runs nothing
     with store.session() as session:
-        a = claim_shard(session, first, "w1")
+        shard = session.get_one(Shard, shard_id)
+        assert shard.attempts == 1 and shard.worker == "w1" and shard.run_id == first.run_id
+
+
+def test_a_run_that_lost_its_lease_writes_nothing(store: Store) -> None:
+    job_id, (shard_id, _) = job_with_shards(store)
+    stale = claim(store, shard_id, "w1")
+    live = claim(store, shard_id, "w2", at=LEASE * 2)  # w1 stopped renewing; its lease ran out
+    assert stale is not None and live is not None and live.attempts == 2 and live.run_id != stale.run_id
     with store.session() as session:
-        b = claim_shard(session, first, "w2")  # the redelivered copy claims the running shard
-    assert a is not None and b is not None and b.attempts == 2
+        assert renew_shard_lease(session, shard_id, stale.run_id, utcnow() + LEASE) is False
+        assert release_shard(session, stale, "boom", retry_at=None) is False  # cannot requeue w2's shard
+        assert complete_shard(session, stale, rows(stale, 5.0), n_ok=2, n_failed=0) is False
     with store.session() as session:
-        assert complete_shard(session, a, n_ok=2, n_failed=0) is True
+        assert session.get_one(Shard, shard_id).status == ShardStatus.RUNNING
+        assert session.scalar(select(func.count()).select_from(Result)) == 0  # the stale copy wrote no row
+        assert complete_shard(session, live, rows(live, 0.5), n_ok=2, n_failed=0) is True
     with store.session() as session:
-        assert complete_shard(session, b, n_ok=2, n_failed=0) is False
-        assert claim_shard(session, first, "w3") is None  # done shards are never handed out again
-    with store.session() as session:
+        written = session.scalars(select(Result).where(Result.job_id == job_id)).all()
+        assert {r.run_id for r in written} == {live.run_id} and {r.score for r in written} == {0.5}
         assert session.get_one(Job, job_id).n_done == 2
+        outcomes = dict(session.execute(select(Run.id, Run.outcome)).all())
+        assert outcomes[stale.run_id] == RunOutcome.EXPIRED and outcomes[live.run_id] == RunOutcome.DONE
 
 
-def test_the_job_finishes_once_and_only_when_all_shards_are_closed(store: Store) -> None:
-    job_id, shard_ids = _job_with_shards(store)
+def test_concurrent_claims_of_one_shard_have_one_winner(store: Store) -> None:
+    _, (shard_id, _) = job_with_shards(store)
+    barrier = threading.Barrier(6)
+    won: list[ClaimedShard | None] = []
+
+    def contender(index: int) -> None:
+        barrier.wait()
+        won.append(claim(store, shard_id, f"w{index}"))
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(c is not None for c in won) == 1
     with store.session() as session:
-        claimed = [claim_shard(session, s, "w") for s in shard_ids]
+        assert session.get_one(Shard, shard_id).attempts == 1
+        assert session.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def test_the_job_ends_once_when_all_shards_are_closed(store: Store) -> None:
+    job_id, shard_ids = job_with_shards(store)
+    claimed = [claim(store, s) for s in shard_ids]
     with store.session() as session:
-        complete_shard(session, claimed[0], n_ok=2, n_failed=0)
-        assert claim_job_finish(session, job_id) is None
+        complete_shard(session, claimed[0], rows(claimed[0], 1.0), n_ok=2, n_failed=0)
+        assert close_if_complete(session, job_id) is None
     with store.session() as session:
-        release_shard(session, shard_ids[1], "boom")
-        assert claim_job_finish(session, job_id) is None
-        again = claim_shard(session, shard_ids[1], "w")
-        complete_shard(session, again, n_ok=0, n_failed=2, status=ShardStatus.FAILED, error="boom")
+        assert release_shard(session, claimed[1], "boom", retry_at=None) is True
+        assert close_if_complete(session, job_id) is None
+    again = claim(store, shard_ids[1])
+    assert again is not None and again.attempts == 2
     with store.session() as session:
-        assert claim_job_finish(session, job_id) == JobStatus.FAILED
+        complete_shard(session, again, [], n_ok=0, n_failed=2, status=ShardStatus.FAILED, error="boom")
     with store.session() as session:
-        assert claim_job_finish(session, job_id) is None
+        assert close_if_complete(session, job_id) == JobStatus.FAILED
+    with store.session() as session:
+        assert close_if_complete(session, job_id) is None
         job = session.get_one(Job, job_id)
-        assert job.n_done == 2 and job.n_failed == 2 and "1 shard(s) failed" in job.error
+        assert job.n_done == 2 and job.n_failed == 2 and "1 shard(s) failed after 2 attempt(s)" in job.error
+
+
+def test_cancel_stops_held_runs_and_resume_runs_only_what_is_not_done(store: Store) -> None:
+    job_id, (a, b, c) = job_with_shards(store, 3)
+    done, running = claim(store, a), claim(store, b)
+    with store.session() as session:
+        complete_shard(session, done, rows(done, 1.0), n_ok=2, n_failed=0)
+    with store.session() as session:
+        assert stop_job(session, job_id, status=JobStatus.CANCELLED, error="cancelled", shards_to=ShardStatus.CANCELLED,
+                        outcome=RunOutcome.CANCELLED)
+    with store.session() as session:
+        assert renew_shard_lease(session, b, running.run_id, utcnow() + LEASE) is False  # stops at its next batch
+        assert complete_shard(session, running, rows(running, 1.0), n_ok=2, n_failed=0) is False
+        statuses = dict(session.execute(select(Shard.id, Shard.status).where(Shard.job_id == job_id)).all())
+        assert statuses == {a: "done", b: "cancelled", c: "cancelled"}
+        assert session.get_one(Job, job_id).status == JobStatus.CANCELLED
+    assert claim(store, c) is None  # a cancelled shard's message runs nothing
+    with store.session() as session:
+        assert reopen_job(session, job_id, queue="q") is True
+    with store.session() as session:
+        statuses = dict(session.execute(select(Shard.id, Shard.status).where(Shard.job_id == job_id)).all())
+        assert statuses == {a: "done", b: "queued", c: "queued"}
+        job = session.get_one(Job, job_id)
+        assert job.status == JobStatus.RUNNING and job.n_done == 2 and job.error is None
+        assert session.scalars(select(Shard.enqueued_at).where(Shard.id.in_([b, c]))).all() == [None, None]
+
+
+def test_resume_gives_failed_shards_a_fresh_budget_and_takes_their_counts_back(store: Store) -> None:
+    job_id, (a, _) = job_with_shards(store, 2)
+    failed = claim(store, a)
+    with store.session() as session:
+        complete_shard(session, failed, [{**r, "error": "x", "score": None} for r in rows(failed, 0)],
+                       n_ok=0, n_failed=2, status=ShardStatus.FAILED, error="x")
+    with store.session() as session:
+        assert session.get_one(Job, job_id).n_failed == 2
+        assert reopen_job(session, job_id, queue="q")
+    with store.session() as session:
+        shard = session.get_one(Shard, a)
+        assert shard.status == ShardStatus.QUEUED and shard.attempts == 0 and shard.n_failed == 0
+        assert session.get_one(Job, job_id).n_failed == 0
+
+
+def test_a_stopped_process_gives_its_attempt_back(store: Store) -> None:
+    job_id, (a, b) = job_with_shards(store, 2)
+    claim(store, a)
+    with store.session() as session:
+        stop_job(session, job_id, status=JobStatus.FAILED, error="interrupted", shards_to=ShardStatus.QUEUED,
+                 outcome=RunOutcome.INTERRUPTED, attempt_counts=False)
+    with store.session() as session:
+        shards = session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.seq)).all()
+        assert [(s.status, s.attempts) for s in shards] == [("queued", 0), ("queued", 0)]
+        assert session.scalar(select(Run.outcome)) == RunOutcome.INTERRUPTED
 
 
 def test_results_are_unique_per_job_and_path(store: Store) -> None:
-    job_id, (first, second) = _job_with_shards(store)
+    job_id, (first, second) = job_with_shards(store)
+    base = [{"job_id": job_id, "shard_id": first, "path": f"/d/{k}.png", "score": 1.0, "scored_at": utcnow()}
+            for k in "ab"]
     with store.session() as session:
-        upsert_results(session, _rows(job_id, first, 1.0) + _rows(job_id, second, 1.0))
-        upsert_results(session, _rows(job_id, first, 3.0))
+        upsert_results(session, base + [{**r, "path": r["path"] + "2", "shard_id": second} for r in base])
+        upsert_results(session, [{**r, "score": 3.0} for r in base])
         assert session.scalar(select(func.count()).select_from(Result)) == 4
+        assert sorted(session.scalars(select(Result.score))) == [1.0, 1.0, 3.0, 3.0]

@@ -1,0 +1,76 @@
+"""Verbs that steer jobs: cancel, resume, reconcile."""
+
+from __future__ import annotations
+
+import click
+
+from adqueue.cli import cli, settings_from
+from adqueue.cli.output import emit_object, format_option, info
+from adqueue.cli.submit import device_option, report_job, run_with_dispatcher, wait_option
+from adqueue.service.context import Context
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.pass_context
+def cancel(ctx: click.Context, job_id: int) -> None:
+    """Cancel JOB_ID: its queued shards never run, running ones stop at their next batch and write
+    nothing, and the job ends `cancelled`. What was already scored stays; `adqueue resume JOB_ID`
+    runs the rest later."""
+    from adqueue.service.control import cancel_job
+
+    cancel_job(Context(settings_from(ctx)), job_id)
+    info(f"job {job_id} cancelled; `adqueue resume {job_id}` runs what is left")
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@device_option
+@wait_option
+@format_option
+@click.pass_context
+def resume(ctx: click.Context, job_id: int, device: str | None, wait: bool, fmt: str) -> None:
+    """Run again whatever of a failed, cancelled or stuck JOB_ID is not done: failed and cancelled
+    shards (with a fresh attempt budget), shards whose worker was lost, messages the broker lost,
+    an unfinished submission, a training, an evaluation's metrics. What is done stays done.
+
+    With a broker the work goes to the workers; without one it runs in this process now."""
+    from adqueue.service.control import resume_job
+    from adqueue.service.submit import describe_job
+
+    def resume_and_describe(context: Context, dispatcher: object) -> object:
+        resume_job(context, dispatcher, job_id)  # type: ignore[arg-type]
+        return describe_job(context, job_id)
+
+    context, submitted = run_with_dispatcher(ctx, device, resume_and_describe)
+    report_job(context, submitted, fmt, wait)  # type: ignore[arg-type]
+
+
+@cli.command()
+@format_option
+@click.pass_context
+def reconcile(ctx: click.Context, fmt: str) -> None:
+    """One reconciler pass now (every worker runs one every ADQUEUE_RECONCILE_INTERVAL seconds):
+    take back work whose lease expired, re-send messages the broker lost, end jobs whose shards
+    are all closed, continue submissions whose submitter died. Without a broker it ends what it
+    can and marks jobs whose process died for `adqueue resume`."""
+    from adqueue.service.reconcile import reconcile as reconcile_pass
+
+    settings = settings_from(ctx)
+    context = Context(settings)
+    dispatchers: dict[str | None, object] = {}
+    if settings.embedded:  # an evaluation whose process died after its last shard finishes here
+        from adqueue.detectors.base import NullProgress
+        from adqueue.service.dispatch import InlineDispatcher, NullScoreProgress
+
+        dispatchers[None] = InlineDispatcher(context, train_progress=NullProgress, score_progress=NullScoreProgress)
+    else:
+        from workers.producer import CeleryDispatcher
+
+        dispatchers[settings.queue] = CeleryDispatcher(settings)
+    report = reconcile_pass(context, dispatchers, worker="adqueue-reconcile")  # type: ignore[arg-type]
+    if fmt == "table":
+        info(f"reconciled: {report.describe()}")
+    else:
+        emit_object(report.as_dict(), fmt)
+

@@ -1,0 +1,54 @@
+"""Every fault scenario of benchmarks/chaos.py, on SQLite and on PostgreSQL: the job ends `done`
+with exactly one row per file, no shard's rows written by two runs, within two lease periods
+plus the reconciler interval of the fault (or of a worker being there to heal it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.chaos import NEEDS_TEXTURES_ROOT, POSTGRES_ONLY, SCENARIOS, ChaosDeployment
+from tests.servers import PostgresServer
+
+pytestmark = pytest.mark.integration
+
+
+def _deployment(tmp_path_factory: pytest.TempPathFactory, textures, postgres: PostgresServer | None,  # type: ignore[no-untyped-def]
+                ) -> Iterator[ChaosDeployment]:
+    deployment = ChaosDeployment(tmp_path_factory.mktemp("chaos"), postgres=postgres)
+    try:
+        deployment.train(textures[0])
+        deployment.start_workers(2)
+        yield deployment
+    finally:
+        deployment.close()
+        if postgres:
+            postgres.close()
+
+
+@pytest.fixture(scope="module")
+def chaos_sqlite(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:  # type: ignore[no-untyped-def]
+    yield from _deployment(tmp_path_factory, textures, None)
+
+
+@pytest.fixture(scope="module")
+def chaos_postgres(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:  # type: ignore[no-untyped-def]
+    yield from _deployment(tmp_path_factory, textures, PostgresServer())  # its own: a scenario restarts it
+
+
+CASES = [(database, scenario) for database in ("sqlite", "postgres") for scenario in SCENARIOS
+         if database == "postgres" or scenario not in POSTGRES_ONLY]
+
+
+@pytest.mark.parametrize(("database", "scenario"), CASES, ids=[f"{d}-{s}" for d, s in CASES])
+def test_the_job_ends_done_with_one_row_per_file(request: pytest.FixtureRequest, textures, database: str,  # type: ignore[no-untyped-def]
+                                                 scenario: str) -> None:
+    chaos: ChaosDeployment = request.getfixturevalue(f"chaos_{database}")
+    root, dump = textures
+    outcome = SCENARIOS[scenario](chaos, root if scenario in NEEDS_TEXTURES_ROOT else dump)
+    print(f"\n{outcome.as_dict()}")
+    assert outcome.status == "done", outcome
+    assert outcome.rows == outcome.distinct_paths == outcome.files, outcome
+    assert outcome.double_completions == 0, outcome
+    assert outcome.in_time, outcome
