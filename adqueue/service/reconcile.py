@@ -166,15 +166,15 @@ def _outbox(ctx: Context, queue: str, outbox: Outbox, now: datetime, report: Rec
     with ctx.store.session() as session:
         owed = queries.owed_messages(session, queue, now, cutoff=None)
     report.messages_sent += send_owed(ctx, outbox, owed, now, sent_before=None)
-    # Sent a while ago and still waiting: resend only what the broker does not hold.
+    # Sent a while ago and still waiting: resend only what the broker does not hold. Counting
+    # first keeps the usual pass (a long queue, nothing lost) to two counts.
+    with ctx.store.session() as session:
+        expected = queries.queued_work(session, queue, now)
+    if not expected or outbox.message_count() >= expected:
+        return  # every waiting piece of work can still have its message
     cutoff = now - timedelta(seconds=2 * ctx.settings.reconcile_interval_s)
     with ctx.store.session() as session:
         owed = queries.owed_messages(session, queue, now, cutoff=cutoff)
-        if not owed:
-            return
-        expected = queries.queued_work(session, queue, now)
-    if outbox.message_count() >= expected:
-        return  # every waiting piece of work can still have its message
     present = outbox.message_ids()
     owed.shards = [i for i in owed.shards if i not in present.get("shard", set())]
     owed.trains = [i for i in owed.trains if i not in present.get("train", set())]

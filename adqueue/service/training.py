@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -35,7 +35,7 @@ from adqueue.service.context import Context
 from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
 from adqueue.service.models import next_version, save_detector
 from adqueue.store.models import Job, JobStatus, Model
-from adqueue.store.writes import ClaimedJob, claim_train, end_job_run
+from adqueue.store.writes import ClaimedJob, claim_train, end_job_run, renew_job_lease
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def _train(
     fit_pixels, failed = _load_pixels(fit_items, detector, progress)
     calib_pixels, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images")
     with ctx.store.session() as session:
-        session.execute(update(Job).where(Job.id == held.job_id).values(n_failed=failed + calib_failed))
+        if not renew_job_lease(session, held, lease_until(ctx), n_failed=failed + calib_failed):
+            raise LeaseLost(f"train job {held.job_id} lost its lease while loading images")
     n_images = len(fit_pixels) + len(calib_pixels)
     if len(fit_pixels) < 2:
         raise AdqueueError(f"only {len(fit_pixels)} readable training image(s) in {source_spec}: need at least 2")
