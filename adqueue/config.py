@@ -20,6 +20,9 @@ DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 120
 DEFAULT_RECONCILE_INTERVAL_S = 30
+DEFAULT_MAX_FILE_MB = 512
+DEFAULT_SQL_TIMEOUT_S = 60
+DEFAULT_SQL_MAX_ROWS = 10_000
 
 
 def _env(name: str) -> str | None:
@@ -47,6 +50,15 @@ class Settings:
     reconcile_interval_s: float = DEFAULT_RECONCILE_INTERVAL_S
     # `--wait` gives up on a job with no progress and no live lease anywhere for this long.
     stall_timeout_s: float | None = None
+    # A file bigger than this becomes an error row without being read (decompression bombs and
+    # stray archives on a camera share).
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
+    # Folders a manifest may point into besides its own (manifest paths elsewhere are refused).
+    allowed_roots: tuple[Path, ...] = ()
+    # `adqueue sql`: its own database URL (a read-only role), a time limit and a default row cap.
+    sql_database_url: str | None = None
+    sql_timeout_s: float = DEFAULT_SQL_TIMEOUT_S
+    sql_max_rows: int = DEFAULT_SQL_MAX_ROWS
     # torch's intra-op threads in this process; None = torch's default (all cores). Set it where
     # several workers share a host, or on a busy machine where spinning threads only wait.
     torch_threads: int | None = None
@@ -54,6 +66,10 @@ class Settings:
     @property
     def stall_after_s(self) -> float:
         return self.stall_timeout_s or 2 * self.lease_s + self.reconcile_interval_s
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
 
     @property
     def embedded(self) -> bool:
@@ -83,6 +99,10 @@ class Settings:
         lease = _env("LEASE")
         interval = _env("RECONCILE_INTERVAL")
         stall = _env("STALL_TIMEOUT")
+        max_file = _env("MAX_FILE_MB")
+        roots = _env("ALLOWED_ROOTS")
+        sql_timeout = _env("SQL_TIMEOUT")
+        sql_rows = _env("SQL_MAX_ROWS")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -97,6 +117,11 @@ class Settings:
             lease_s=_positive("ADQUEUE_LEASE", lease, DEFAULT_LEASE_S, float),
             reconcile_interval_s=_positive("ADQUEUE_RECONCILE_INTERVAL", interval, DEFAULT_RECONCILE_INTERVAL_S, float),
             stall_timeout_s=None if stall is None else _positive("ADQUEUE_STALL_TIMEOUT", stall, 1.0, float),
+            max_file_mb=_positive("ADQUEUE_MAX_FILE_MB", max_file, DEFAULT_MAX_FILE_MB, float),
+            allowed_roots=tuple(Path(p).expanduser().resolve() for p in (roots or "").split(os.pathsep) if p),
+            sql_database_url=_env("SQL_DATABASE_URL"),
+            sql_timeout_s=_positive("ADQUEUE_SQL_TIMEOUT", sql_timeout, DEFAULT_SQL_TIMEOUT_S, float),
+            sql_max_rows=_positive("ADQUEUE_SQL_MAX_ROWS", sql_rows, DEFAULT_SQL_MAX_ROWS),
         )
         settings.validate()
         return settings
@@ -131,6 +156,8 @@ class Settings:
             "ADQUEUE_RETRY_DELAY": str(self.retry_delay_s),
             "ADQUEUE_LEASE": str(self.lease_s),
             "ADQUEUE_RECONCILE_INTERVAL": str(self.reconcile_interval_s),
+            "ADQUEUE_MAX_FILE_MB": str(self.max_file_mb),
+            "ADQUEUE_ALLOWED_ROOTS": os.pathsep.join(str(p) for p in self.allowed_roots),
         }
         if self.stall_timeout_s is not None:
             env["ADQUEUE_STALL_TIMEOUT"] = str(self.stall_timeout_s)
