@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from adqueue.errors import ConfigError
 
@@ -87,7 +88,7 @@ class Settings:
         device: str | None = None,
     ) -> Settings:
         root = Path(data_dir or _env("DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
-        db = database_url or _env("DATABASE_URL") or f"sqlite:///{root / 'adqueue.db'}"
+        db = database_url or _env("DATABASE_URL") or sqlite_url(root / "adqueue.db")
         broker = broker_url if broker_url is not None else _env("BROKER_URL")
         if broker is not None and broker.strip() == "":
             broker = None
@@ -164,6 +165,16 @@ class Settings:
         if self.torch_threads is not None:
             env["ADQUEUE_TORCH_THREADS"] = str(self.torch_threads)
         return env
+
+
+def sqlite_url(path: Path) -> str:
+    """The URL of a SQLite file at any path: a `?`, `%` or `#` in a folder name would otherwise be
+    read as URL syntax and put the database somewhere else (two data dirs could share one)."""
+    if not any(char in str(path) for char in "?%#"):
+        return f"sqlite:///{path}"
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database="file:" + quote(str(path)), query={"uri": "true"}).render_as_string()
 
 
 def _positive(name: str, raw: str | None, default: float, cast: type = int) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
 from tests.servers import REPO
 
@@ -50,6 +51,17 @@ def run_cli(args: list[str], env: dict[str, str], *, check: bool = True, timeout
     if check and done.returncode != 0:
         raise AssertionError(f"adqueue {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
     return done
+
+
+def invoke_cli(data_dir: Path, *args: str, ok: bool = True, **env: str) -> Result:
+    """`adqueue --data-dir DATA_DIR ARGS` in this process on the embedded default (no broker)."""
+    from adqueue.cli import cli
+
+    result = CliRunner().invoke(cli, ["--data-dir", str(data_dir), *args], env={"ADQUEUE_BROKER_URL": "", **env},
+                                catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
 
 
 def run_json(args: list[str], env: dict[str, str]) -> object:

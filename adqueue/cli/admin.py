@@ -70,7 +70,7 @@ def db_upgrade(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--normal", default=60, show_default=True, type=click.IntRange(8, 2000),
+@click.option("--normal", default=60, show_default=True, type=click.IntRange(20, 2000),
               help="Defect-free training images to generate.")
 @click.option("--dump", default=40, show_default=True, type=click.IntRange(4, 2000),
               help="Images in the dump to score (about half with defects).")

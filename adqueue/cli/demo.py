@@ -19,7 +19,8 @@ from adqueue.config import Settings
 from adqueue.service.context import Context
 from adqueue.service.dispatch import make_dispatcher
 from adqueue.service.submit import submit_evaluate, submit_score, submit_train
-from adqueue.store.queries import job_metrics, run_read_only
+from adqueue.store.queries import job_metrics
+from adqueue.store.read_only_sql import run_read_only
 
 CROP = 192
 DEFECTS = ("scratch", "stain", "gravel")

@@ -8,7 +8,7 @@ from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, emit_rows, format_option
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
-from adqueue.store import queries
+from adqueue.store import queries, read_only_sql
 
 
 def _context(ctx: click.Context) -> Context:
@@ -58,27 +58,56 @@ def results(ctx: click.Context, job_id: int, anomalous: bool, top: int | None, f
 @format_option
 @click.pass_context
 def models(ctx: click.Context, fmt: str) -> None:
-    """Trained models and versions, with their threshold and latest image AUROC."""
+    """Trained models and versions, with their threshold, latest image AUROC and training warnings."""
     context = _context(ctx)
     with context.store.session() as session:
         rows = queries.list_models(session)
-    emit_rows(rows, ["model", "detector", "backbone", "threshold", "image_auroc", "created_at"], fmt)
+    if fmt != "json":  # one cell per model in a table or CSV; JSON keeps the list
+        rows = [{**row, "warnings": "; ".join(row["warnings"])} for row in rows]
+    emit_rows(rows, ["model", "detector", "backbone", "threshold", "image_auroc", "created_at", "warnings"], fmt)
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  adqueue sql "SELECT path, score FROM results WHERE job_id = 42 AND is_anomaly ORDER BY score DESC"
+  adqueue sql --max-rows 0 --timeout 600 --format csv "SELECT * FROM results" > results.csv
+""")
 @click.argument("statement")
-@click.option("--max-rows", type=int, default=None, help="Stop after this many rows.")
+@click.option("--max-rows", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Print at most N rows, with a note on stderr when there were more; 0: all rows "
+              "[env ADQUEUE_SQL_MAX_ROWS; default 10000].")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop the query after this long; the database enforces it "
+              "[env ADQUEUE_SQL_TIMEOUT; default 60].")
 @format_option
 @click.pass_context
-def sql(ctx: click.Context, statement: str, max_rows: int | None, fmt: str) -> None:
-    """Run one read-only SQL statement (SELECT/WITH/EXPLAIN) on the results database.
+def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: float | None, fmt: str) -> None:
+    """Run one read-only SQL statement (SELECT, WITH ... SELECT, EXPLAIN, VALUES, SHOW, TABLE) on the
+    results database. Tables: models, jobs, shards, results, metrics (see README).
 
-    Tables: models, jobs, shards, results, metrics (see README). Writes are refused, by this
-    command and by a read-only database connection."""
-    context = _context(ctx)
-    context.store  # noqa: B018 - make sure the schema exists before the first query
-    columns, rows = queries.run_read_only(context.settings.database_url, statement, max_rows=max_rows)
-    emit_rows([dict(zip(columns, row, strict=True)) for row in rows], columns, fmt)
+    Writes are refused twice: the statement is checked with a SQL tokenizer (one statement; no
+    INSERT/UPDATE/DELETE, also not inside WITH), and the connection is read-only (a read-only
+    SQLite file; a READ ONLY PostgreSQL session, dropped to the pg_read_all_data role where the
+    login may, so superuser-only functions fail too).
+
+    ADQUEUE_SQL_DATABASE_URL, when set, is the database URL this verb uses instead of --db /
+    ADQUEUE_DATABASE_URL: give it a PostgreSQL role that may only read (docker-compose.yml's
+    adqueue_reader) before handing this verb to others."""
+    settings = settings_from(ctx)
+    url = settings.sql_database_url
+    # A separate reader's URL is never used to migrate (a reader may not): only the main one is.
+    if url is None:
+        _context(ctx).store  # noqa: B018 - make sure the schema exists before the first query
+        url = settings.database_url
+    elif not url.startswith(("sqlite", "postgresql", "postgres://")):
+        raise AdqueueError(f"unsupported ADQUEUE_SQL_DATABASE_URL {url!r}: "
+                           "use sqlite:///PATH or postgresql://USER@HOST/DB")
+    limit = settings.sql_max_rows if max_rows is None else max_rows
+    result = read_only_sql.run_read_only(url, statement, max_rows=limit,
+                                   timeout_s=settings.sql_timeout_s if timeout_s is None else timeout_s)
+    emit_rows([dict(zip(result.columns, row, strict=True)) for row in result.rows], result.columns, fmt)
+    if result.truncated:
+        click.echo(f"showing the first {limit} rows; --max-rows 0 for all", err=True)
 
 
 @cli.command()

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
@@ -15,7 +16,7 @@ from adqueue.detectors import registry
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
 from adqueue.service.submit import Submitted, submit_evaluate, submit_score, submit_train
-from adqueue.store.queries import job_metrics, job_summary
+from adqueue.store.queries import job_metrics, job_summary, model_warnings
 
 wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
                            "failed or was cancelled, 3 if nothing moved for ADQUEUE_STALL_TIMEOUT seconds with "
@@ -107,6 +108,15 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
     status = summary["status"]
     if summary["kind"] == "train" and status == "done":
         info(f"trained model [bold]{summary['model']}[/bold] (job {summary['job_id']})")
+        # The job ran elsewhere (a worker) or its log lines scrolled past: repeat what training warned of.
+        context = Context(settings_from(click.get_current_context()))
+        try:
+            with context.store.session() as session:
+                warnings = model_warnings(session, summary["model"])
+        finally:
+            context.close()
+        for warning in warnings:
+            info(f"[yellow]warning:[/yellow] {escape(warning)}")
     elif summary["kind"] in ("score", "evaluate"):
         info(f"{summary['kind']} job {summary['job_id']}: {status}, {summary['n_done']} scored, "
              f"{summary['n_failed']} failed of {summary['n_total']} in {summary['shards']} shard(s)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,16 @@ from adqueue.errors import ImageError
 
 # A factory image is rarely past 100 MP; anything bigger is more likely a decompression bomb.
 MAX_PIXELS = 120_000_000
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _SIGNATURES = {
     b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-    b"GIF8": "GIF", b"RIFF": "WebP",
+    b"GIF8": "GIF", b"RIFF": "WebP", b"P1": "PNM", b"P2": "PNM", b"P3": "PNM", b"P4": "PNM", b"P5": "PNM",
+    b"P6": "PNM", b"\x00\x00\x00\x0cjP  ": "JPEG 2000", b"\xffO\xffQ": "JPEG 2000",
 }
+_HEAD = 16  # bytes enough for every signature above
+_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
 
 
 def _claimed_format(data: bytes) -> str | None:
@@ -38,12 +45,10 @@ class DecodedImage:
     sha256: str
 
 
-def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None) -> DecodedImage:
-    """Decode `path` to `channels` (1 or 3) and resize to `size` (width, height) if given."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
+    """Decode `path` (an OS path) to `channels` (1 or 3) and resize to `size` (width, height)."""
+    data = read_file(path, max_bytes=max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     image = decode_bytes(data, channels=channels)
     width, height = image.size
@@ -53,6 +58,34 @@ def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest)
+
+
+def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular image file of at most `max_bytes`, or an ImageError saying why not.
+
+    Only regular files are opened (a FIFO would block the reader forever, a device never ends);
+    the format is checked from the first bytes and the size from the inode before the rest is
+    read, so a huge non-image costs nothing."""
+    try:
+        kind = stat.S_IFMT(os.stat(path).st_mode)
+        if kind != stat.S_IFREG:
+            raise ImageError(f"not a regular file: {_KINDS.get(kind, 'a special file')}")
+        # O_NONBLOCK: should a FIFO appear here after the check, opening it still returns at once.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError("not a regular file")
+            head = handle.read(_HEAD)
+            if not head:
+                raise ImageError("empty file")
+            if _claimed_format(head) is None:
+                raise ImageError("not an image (unknown or unsupported format)")
+            if info.st_size > max_bytes:
+                raise ImageError(f"file too large: {info.st_size / 2**20:.0f} MiB "
+                                 f"(limit {max_bytes / 2**20:.0f} MiB, ADQUEUE_MAX_FILE_MB)")
+            return head + handle.read(max_bytes + 1 - len(head))  # a file growing meanwhile stays bounded
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
 
 
 def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
@@ -71,7 +104,7 @@ def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
             raise ImageError(f"corrupt {claimed} file: cannot be decoded") from None
         raise ImageError("not an image (unknown or unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        raise ImageError(f"image too large: refused as a possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt image: {exc}") from None
     return _to_channels(image, channels)
@@ -93,8 +126,11 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """A ground-truth mask as a boolean [H, W] array at `size` (width, height)."""
     try:
-        with Image.open(path) as image:
+        data = read_file(path)
+        with Image.open(io.BytesIO(data)) as image:
             mask = image.convert("L").resize(size, Image.Resampling.NEAREST)
-    except (OSError, UnidentifiedImageError) as exc:
+    except ImageError as exc:
+        raise ImageError(f"cannot read mask {path}: {exc}") from None
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read mask {path}: {exc}") from None
     return np.asarray(mask) > 127

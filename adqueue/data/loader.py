@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adqueue.data.io import DecodedImage, read_image
+from adqueue.data.io import DEFAULT_MAX_BYTES, DecodedImage, read_image
+from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Preprocess
 from adqueue.errors import ImageError
@@ -36,22 +37,24 @@ def default_threads() -> int:
     return max(2, min(8, (os.cpu_count() or 2)))
 
 
-def load_one(item: Item, preprocess: Preprocess) -> Loaded:
+def load_one(item: Item, preprocess: Preprocess, max_bytes: int = DEFAULT_MAX_BYTES) -> Loaded:
     try:
-        decoded = read_image(item.path, channels=preprocess.channels, size=preprocess.size_wh)
+        decoded = read_image(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh,
+                             max_bytes=max_bytes)
     except ImageError as exc:
         return Loaded(item, None, str(exc))
     return Loaded(item, decoded, None)
 
 
 def load_stream(
-    items: Iterable[Item], preprocess: Preprocess, *, threads: int | None = None, window: int = 64
+    items: Iterable[Item], preprocess: Preprocess, *, threads: int | None = None, window: int = 64,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[Loaded]:
     """Decode `items` in order, keeping at most `window` decodes in flight."""
     with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="decode") as pool:
         pending: deque[Future[Loaded]] = deque()
         for item in items:
-            pending.append(pool.submit(load_one, item, preprocess))
+            pending.append(pool.submit(load_one, item, preprocess, max_bytes))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from adqueue.data.paths import to_os, to_text
 from adqueue.errors import SourceError
 
 SPLITS = ("train", "test")
@@ -44,13 +45,14 @@ class Source:
     root: Path
     split: str | None
     labeled: bool
+    allowed_roots: tuple[Path, ...] = ()  # where a manifest may point besides its own folder
 
     def items(self) -> Iterator[Item]:
         if self.kind == "folder":
             return _folder_items(self.root)
         if self.kind == "mvtec":
             return _mvtec_items(self.root, self.split)
-        return _manifest_items(self.root, self.split)
+        return _manifest_items(self.root, self.split, self.allowed_roots)
 
     def items_after(self, written: int, last_path: str | None, keep: Callable[[Item], bool] | None = None,
                     ) -> Iterator[Item]:
@@ -62,8 +64,8 @@ class Source:
         if not written or last_path is None:
             return items
         if self.kind == "folder":
-            mark = walk_order(self.root, last_path)
-            return (item for item in items if walk_order(self.root, item.path) > mark)
+            mark = walk_order(self.root, to_os(last_path))
+            return (item for item in items if walk_order(self.root, to_os(item.path)) > mark)
         return _skip_exactly(items, written, last_path, self.describe())
 
     def describe(self) -> str:
@@ -71,23 +73,27 @@ class Source:
         return f"{self.kind} {self.root}{split}"
 
 
-def open_source(spec: str | Path, *, split: str | None = None) -> Source:
-    """Recognize what `spec` is. `split` selects train/test rows of labeled layouts."""
+def open_source(spec: str | Path, *, split: str | None = None, allowed_roots: tuple[Path, ...] = ()) -> Source:
+    """Recognize what `spec` (an OS path) is. `split` selects train/test rows of labeled layouts.
+
+    A manifest is checked whole here, before any job exists: its paths must stay inside its own
+    folder or `allowed_roots`, and none may be listed twice."""
     if split is not None and split not in SPLITS:
         raise SourceError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SourceError(f"no such file or folder: {spec}")
+        raise SourceError(f"no such file or folder: {to_text(str(spec))}")
     path = path.resolve()
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise SourceError(f"{spec} is a file but not a manifest CSV (path,split,label,defect,mask)")
-        _check_manifest_header(path)
-        return Source("manifest", path, split, labeled=True)
+            raise SourceError(f"{to_text(str(spec))} is a file but not a manifest CSV (path,split,label,defect,mask)")
+        source = Source("manifest", path, split, labeled=True, allowed_roots=allowed_roots)
+        _check_manifest(source)
+        return source
     if (path / "train").is_dir() and (path / "test").is_dir():
         return Source("mvtec", path, split, labeled=True)
     if split is not None:
-        raise SourceError(f"{spec} is a plain folder: --split needs an MVTec root or a manifest CSV")
+        raise SourceError(f"{to_text(str(spec))} is a plain folder: --split needs an MVTec root or a manifest CSV")
     return Source("folder", path, None, labeled=False)
 
 
@@ -108,13 +114,13 @@ def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) 
 
 
 def _folder_items(root: Path) -> Iterator[Item]:
-    # Every regular, non-hidden file is an item: a file that is not an image must come back as
-    # a result row with an error, not vanish silently.
+    # Every non-hidden entry that is not a folder is an item: a file that is not an image (or a
+    # FIFO, a socket, a broken link) must come back as a result row with an error, not vanish.
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):
-                yield Item(os.path.join(directory, name))
+                yield Item(to_text(os.path.join(directory, name)))
 
 
 def _mvtec_items(root: Path, split: str | None) -> Iterator[Item]:
@@ -135,8 +141,8 @@ def _sorted_files(folder: Path) -> Iterator[str]:
     if not folder.is_dir():
         return
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_file() and not entry.name.startswith("."):
-            yield entry.path
+        if not entry.is_dir() and not entry.name.startswith("."):
+            yield to_text(entry.path)
 
 
 def _mask_index(folder: Path) -> dict[str, str]:
@@ -149,44 +155,84 @@ def _mask_index(folder: Path) -> dict[str, str]:
 
 
 _MANIFEST_COLUMNS = ("path", "split", "label", "defect", "mask")
+_MAX_REPORTED = 5
 
 
-def _check_manifest_header(path: Path) -> None:
-    with path.open(newline="") as handle:
-        header = next(csv.reader(handle), [])
-    missing = [c for c in ("path", "split", "label") if c not in header]
-    if missing:
-        raise SourceError(
-            f"{path} is not a manifest: missing column(s) {', '.join(missing)} "
-            f"(expected {','.join(_MANIFEST_COLUMNS)})"
-        )
+def _manifest_rows(csv_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row); a byte-order mark (a spreadsheet's UTF-8 default) is accepted."""
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in ("path", "split", "label") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SourceError(
+                    f"{csv_path} is not a manifest: missing column(s) {', '.join(missing)} "
+                    f"(expected {','.join(_MANIFEST_COLUMNS)})"
+                )
+            yield from enumerate(reader, start=2)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{csv_path} is not a readable CSV manifest: {exc}") from None
 
 
-def _manifest_items(csv_path: Path, split: str | None) -> Iterator[Item]:
-    base = csv_path.parent
-    with csv_path.open(newline="") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
-            if split is not None and (row.get("split") or "").strip() != split:
-                continue
-            yield _manifest_item(base, row, csv_path, line)
+def _selected(row: dict[str, str], split: str | None) -> bool:
+    return split is None or (row.get("split") or "").strip() == split
 
 
-def _manifest_item(base: Path, row: dict[str, str], csv_path: Path, line: int) -> Item:
+def _check_manifest(source: Source) -> None:
+    """One pass over the whole manifest; every problem found is counted, the first few named."""
+    problems: list[str] = []
+    first_line: dict[str, int] = {}
+    for line, row in _manifest_rows(source.root):
+        if not _selected(row, source.split):
+            continue
+        try:
+            item = _manifest_item(source, row, line)
+        except SourceError as exc:
+            problems.append(str(exc))
+            continue
+        seen = first_line.setdefault(item.path, line)
+        if seen != line:
+            problems.append(f"{source.root}:{line}: {item.path} is listed twice (lines {seen} and {line})")
+    if problems:
+        more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
+        raise SourceError("; ".join(problems[:_MAX_REPORTED]) + more)
+
+
+def _manifest_items(csv_path: Path, split: str | None, allowed_roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    source = Source("manifest", csv_path, split, labeled=True, allowed_roots=allowed_roots)
+    for line, row in _manifest_rows(csv_path):
+        if _selected(row, split):
+            yield _manifest_item(source, row, line)
+
+
+def _manifest_item(source: Source, row: dict[str, str], line: int) -> Item:
+    where = f"{source.root}:{line}"
     raw_path = (row.get("path") or "").strip()
     if not raw_path:
-        raise SourceError(f"{csv_path}:{line}: empty path")
+        raise SourceError(f"{where}: empty path")
     label_text = (row.get("label") or "").strip()
     try:
         label = int(label_text) if label_text else None
     except ValueError:
-        raise SourceError(f"{csv_path}:{line}: label must be 0 or 1, not {label_text!r}") from None
+        raise SourceError(f"{where}: label must be 0 or 1, not {label_text!r}") from None
     if label not in (None, 0, 1):
-        raise SourceError(f"{csv_path}:{line}: label must be 0 or 1, not {label_text!r}")
+        raise SourceError(f"{where}: label must be 0 or 1, not {label_text!r}")
     mask = (row.get("mask") or "").strip()
     defect = (row.get("defect") or "").strip() or None
     return Item(
-        path=str((base / raw_path).resolve()),
+        path=_inside(source, raw_path, where),
         label=label,
         defect=defect,
-        mask=str((base / mask).resolve()) if mask else None,
+        mask=_inside(source, mask, where) if mask else None,
     )
+
+
+def _inside(source: Source, listed: str, where: str) -> str:
+    """A manifest path relative to the manifest's folder, refused if it leaves that folder (an
+    absolute path, `../`) for anywhere not in the allowed roots."""
+    base = source.root.parent
+    path = Path(os.path.normpath(base / listed))  # lexical: a symlink inside the folder is the folder's own
+    if not any(path.is_relative_to(root) for root in (base, *source.allowed_roots)):
+        raise SourceError(f"{where}: {listed} is outside the manifest's folder {base}: list its folder in "
+                          "ADQUEUE_ALLOWED_ROOTS to allow it")
+    return to_text(str(path))

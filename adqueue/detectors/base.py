@@ -77,6 +77,10 @@ class Detector(nn.Module, ABC):
     # True when maps need more than the scoring pass (a backward pass to the input, say): the
     # scoring service then asks for maps only for the images that get a heat map.
     costly_maps: ClassVar[bool] = False
+    # Fewest readable defect-free images `fit` may get before training refuses (`--set
+    # min_images=N` overrides it): below it a model registers but scores little better than
+    # chance. Each detector sets its own; 2 is the least any statistics need.
+    min_fit_images: ClassVar[int] = 2
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -107,6 +107,7 @@ class DifferNetDetector(Detector):
     name = "differnet"
     Config = DifferNetConfig
     frozen_prefixes = ("features.backbone.",)
+    min_fit_images = 16  # the paper's few-shot runs go down to 16 images; a flow on fewer memorizes them
     costly_maps = True
 
     def __init__(self, config: DifferNetConfig) -> None:

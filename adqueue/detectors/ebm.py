@@ -113,6 +113,7 @@ class EnergyNet(nn.Module):
 class EBMDetector(Detector):
     name = "ebm"
     Config = EBMConfig
+    min_fit_images = 16  # trained from scratch: on fewer it learns those images, not the texture
     # The score needs the input gradient anyway, so a map costs only its blur.
     costly_maps = False
 

@@ -130,6 +130,7 @@ def view(images: Tensor, index: int) -> Tensor:
 class EncoderFlowDetector(Detector):
     name = "encoder_flow"
     Config = EncoderFlowConfig
+    min_fit_images = 16  # AE and flow from scratch: on fewer, the latent density is a handful of points
     costly_maps = True  # the default map is a backward pass through flow and encoder
 
     def __init__(self, config: EncoderFlowConfig) -> None:

@@ -54,6 +54,7 @@ class MVGDetector(Detector):
     name = "mvg"
     Config = MVGConfig
     frozen_prefixes = ("backbone.",)
+    min_fit_images = 16  # OPCA's least-variance axes are noise below this (8 images: test AUROC 0.23)
 
     def __init__(self, config: MVGConfig) -> None:
         super().__init__(config)

@@ -83,7 +83,7 @@ def send_owed_of_job(ctx: Context, dispatcher: Dispatcher, job_id: int) -> None:
     """Send what a reopened job is owed (its queued shards, its training), or end it if nothing is left."""
     from adqueue.service.finishing import after_shard_closed
     from adqueue.service.reconcile import send_owed
-    from adqueue.store.queries import owed_of_job
+    from adqueue.store.reconciler_queries import owed_of_job
 
     with ctx.store.session() as session:
         owed = owed_of_job(session, job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,10 +10,14 @@ import numpy as np
 from sqlalchemy import select
 
 from adqueue.data.io import read_mask
+from adqueue.data.paths import to_os
+from adqueue.errors import ImageError
 from adqueue.detectors.base import NullProgress, Progress
 from adqueue.metrics import image_auroc, pixel_auroc, pro_score, rates_at_threshold
 from adqueue.service.context import Context
 from adqueue.store.models import Job, Model, Result, Shard, ShardStatus
+
+log = logging.getLogger(__name__)
 
 # Pixel metrics hold every map pixel at once; past this budget the maps (and masks) are strided
 # down by a common factor, which keeps memory bounded for very large evaluation sets.
@@ -92,6 +97,7 @@ def _pixel_metrics(
     masks_list: list[np.ndarray] = []
     files = [file for file in files if file.is_file()]
     stride = _stride(files)
+    unreadable = 0
     progress.phase("reading anomaly maps", len(files))
     for file in files:
         progress.advance()
@@ -103,20 +109,26 @@ def _pixel_metrics(
                 if label is None or (label == 1 and not mask_path):
                     continue
                 size = (amap.shape[1], amap.shape[0])
-                if label == 1 and mask_path and Path(mask_path).is_file():
-                    truth = read_mask(mask_path, size)
+                if label == 1 and mask_path:
+                    try:
+                        truth = read_mask(to_os(mask_path), size)
+                    except ImageError as exc:  # one bad mask leaves one image out, not the job failed
+                        log.warning("%s; its image is left out of the pixel metrics", exc)
+                        unreadable += 1
+                        continue
                 elif label == 0:
                     truth = np.zeros(amap.shape, dtype=bool)
                 else:
                     continue
                 maps_list.append(amap.astype(np.float32))
                 masks_list.append(truth)
+    out: dict[str, float] = {"n_unreadable_masks": float(unreadable)} if unreadable else {}
     if not maps_list or not any(mask.any() for mask in masks_list):
-        return {}
+        return out
     maps = np.stack(maps_list)
     truths = np.stack(masks_list)
     progress.phase("pixel metrics", 1)
-    out: dict[str, float] = {"n_pixel_images": float(len(maps_list))}
+    out["n_pixel_images"] = float(len(maps_list))
     _put(out, "pixel_auroc", pixel_auroc(maps, truths))
     _put(out, "pro", pro_score(maps, truths))
     return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -76,9 +78,15 @@ def save_detector(
 
 
 def load_detector(ctx: Context, model: Model, device: Any = "cpu") -> LoadedModel:
+    """The model's detector, from a file that must be exactly the one registered. The threshold
+    is the one in SQL (`models.threshold`), the one place it is read from and may be changed."""
     from adqueue.detectors import registry
 
-    stored = load_model(ctx.data_dir.resolve(model.artifact_path))
+    path = ctx.data_dir.resolve(model.artifact_path)
+    if model.artifact_sha256 and path.is_file() and file_sha256(path) != model.artifact_sha256:
+        raise ModelUnavailable(f"model file {model.artifact_path} changed since {model.name}:{model.version} was "
+                               "registered (its SHA-256 differs): train a new version instead of editing it")
+    stored = load_model(path)
     try:
         detector = registry.create(stored.detector, stored.config)
     except (ValueError, TypeError) as exc:
@@ -99,7 +107,15 @@ def load_detector(ctx: Context, model: Model, device: Any = "cpu") -> LoadedMode
         )
     detector.to(device).eval()
     low, high = stored.extra.get("map_range") or (0.0, 1.0)
-    return LoadedModel(model.id, detector, stored.extra.get("threshold"), (float(low), float(high)))
+    return LoadedModel(model.id, detector, model.threshold, (float(low), float(high)))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_device(setting: str) -> Any:

@@ -29,7 +29,7 @@ from adqueue.service.context import Context
 from adqueue.service.dispatch import Dispatcher
 from adqueue.service.finishing import after_shard_closed
 from adqueue.service.leases import lease_until
-from adqueue.store import queries
+from adqueue.store import reconciler_queries as queries
 from adqueue.store.models import JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
 from adqueue.store.writes import (
     claim_submission,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ import torch
 from adqueue.artifacts import atomic_write_bytes
 from adqueue.data.io import read_image
 from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_float
+from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Detector, Scores
 from adqueue.errors import ImageError, ModelUnavailable
@@ -188,7 +190,8 @@ def score_items(
     output = ScoredItems(maps={} if keep_maps else None)
     writes: list[Future[None]] = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
-        for batch in batched(load_stream(items, detector.preprocess), batch_size):
+        stream = load_stream(items, detector.preprocess, max_bytes=ctx.settings.max_file_bytes)
+        for batch in batched(stream, batch_size):
             decoded = [entry for entry in batch if entry.ok]
             scores = None
             if decoded:
@@ -201,7 +204,7 @@ def score_items(
             for entry in batch:
                 index = position.get(id(entry))
                 row = _row(entry, loaded, scores, index)
-                if index is not None and scores is not None:
+                if row["error"] is None and scores is not None and index is not None:
                     output.n_ok += 1
                     amap = scores.maps[index].numpy() if scores.maps is not None else None
                     if output.maps is not None and amap is not None:
@@ -247,14 +250,17 @@ def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> 
     }
     if index is None or entry.decoded is None:
         return row
+    row.update(sha256=entry.decoded.sha256, width=entry.decoded.width, height=entry.decoded.height)
     score = float(scores.image[index])
+    if not math.isfinite(score):
+        # NaN compares false with any threshold: without this a broken model passes every image.
+        row["error"] = f"detector produced a non-finite score ({score})"
+        return row
+    extra = {name: float(values[index]) for name, values in scores.extra.items()}
     row.update(
-        sha256=entry.decoded.sha256,
-        width=entry.decoded.width,
-        height=entry.decoded.height,
         score=score,
         is_anomaly=None if loaded.threshold is None else bool(score > loaded.threshold),
-        scores={name: float(values[index]) for name, values in scores.extra.items()} or None,
+        scores={name: value if math.isfinite(value) else None for name, value in extra.items()} or None,
     )
     return row
 
@@ -271,7 +277,7 @@ def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
 
 def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> None:
     try:
-        original = read_image(path, channels=3, size=None).pixels
+        original = read_image(to_os(path), channels=3, size=None).pixels
     except ImageError:
         return  # the file changed under us; the score stands, the overlay is skipped
     atomic_write_bytes(target, render_overlay(original, amap, map_range))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
+from adqueue.data.paths import to_os, to_text
 from adqueue.data.sources import Item, Source, open_source
 from adqueue.detectors import registry
 from adqueue.errors import AdqueueError, SourceError
@@ -63,15 +64,16 @@ def submit_train(
     if not _NAME.match(name):
         raise AdqueueError(f"invalid model name {name!r}: letters, digits, '_', '-', '.'; at most 100 characters")
     _validate_detector_settings(detector, settings)
-    source = open_source(data, split=split or None)
+    roots = ctx.settings.allowed_roots
+    source = open_source(data, split=split or None, allowed_roots=roots)
     if source.labeled and split is None:
-        source = open_source(data, split="train")
+        source = open_source(data, split="train", allowed_roots=roots)
     first = next((item for item in source.items() if item.label in (None, 0)), None)
     if first is None:
         raise SourceError(f"{source.describe()} has no defect-free images to train on")
     params = {"detector": detector, "settings": settings, "name": name, "split": source.split}
     with ctx.store.session() as session:
-        job_id = create_job(session, kind=JobKind.TRAIN, source=str(source.root), params=params, model_id=None,
+        job_id = create_job(session, kind=JobKind.TRAIN, source=to_text(str(source.root)), params=params, model_id=None,
                             queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx)).job_id
     with submission_guard(ctx, job_id):
         dispatcher.enqueue_train(job_id)
@@ -94,15 +96,15 @@ def submit_score(
     ctx: Context, dispatcher: Dispatcher, *, model: str, data: str, split: str | None = None,
     shard_size: int = 256, heatmaps: str = "flagged",
 ) -> Submitted:
-    return _submit_sharded(ctx, dispatcher, JobKind.SCORE, model, open_source(data, split=split),
-                           shard_size=shard_size, heatmaps=heatmaps)
+    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
+    return _submit_sharded(ctx, dispatcher, JobKind.SCORE, model, source, shard_size=shard_size, heatmaps=heatmaps)
 
 
 def submit_evaluate(
     ctx: Context, dispatcher: Dispatcher, *, model: str, data: str, split: str | None = "test",
     shard_size: int = 256, heatmaps: str = "flagged",
 ) -> Submitted:
-    source = open_source(data, split=split)
+    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
     if not source.labeled:
         raise SourceError(
             f"{data} is a plain folder without labels: evaluate needs an MVTec-style root "
@@ -127,7 +129,7 @@ def _submit_sharded(
         model = resolve_model(session, model_ref)
         params = {"model": f"{model.name}:{model.version}", "split": source.split, "heatmaps": heatmaps,
                   "shard_size": shard_size}
-        held = create_job(session, kind=kind, source=str(source.root), params=params, model_id=model.id,
+        held = create_job(session, kind=kind, source=to_text(str(source.root)), params=params, model_id=model.id,
                           queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
         model_id = model.id
     n_shards = continue_submission(ctx, dispatcher, held)
@@ -143,7 +145,7 @@ def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) 
         source_spec, kind, params = job.source, job.kind, dict(job.params)
         n_shards, n_items, last_path = submission_progress(session, held.job_id)
     with submission_guard(ctx, held.job_id):
-        source = open_source(source_spec, split=params.get("split"))
+        source = open_source(to_os(source_spec), split=params.get("split"), allowed_roots=ctx.settings.allowed_roots)
         keep = _labeled if kind == JobKind.EVALUATE else None
         items = source.items_after(n_items, last_path, keep)
         try:

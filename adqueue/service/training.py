@@ -4,6 +4,11 @@ A seeded share of the training images (`calib_fraction`) is held out of fitting;
 set on their scores for the target false-alarm rate (`fpr`), and the heat-map color range on their
 maps. Both are saved in the model file and the `models` row.
 
+Guards, so that nobody gets a silently useless model: settings are checked at submission; fitting
+needs the detector's `min_fit_images` readable images (`--set min_images=N` overrides it); a model
+whose calibration scores or threshold are not finite and sane is not registered; and a threshold
+set on few or in-sample images registers with warnings (logged, and kept in params["warnings"]).
+
 The training runs under a lease renewed with its progress. A worker lost mid-training (killed,
 out of memory) stops renewing; the reconciler then queues the job again, up to `max_attempts`
 runs. A run that lost its lease registers nothing, and the model row is written in the same
@@ -17,6 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,20 +33,26 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from adqueue.data.loader import load_stream
+from adqueue.data.paths import to_os
 from adqueue.data.sources import Item, open_source
 from adqueue.detectors import registry
 from adqueue.detectors.base import Detector, Progress
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
 from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
-from adqueue.service.models import next_version, save_detector
+from adqueue.service.models import file_sha256, next_version, save_detector
 from adqueue.store.models import Job, JobStatus, Model
 from adqueue.store.writes import ClaimedJob, claim_train, end_job_run, renew_job_lease
 
 log = logging.getLogger(__name__)
 
 # Settings of the training procedure itself; every other --set key belongs to the detector.
-TRAIN_KEYS = {"fpr": 0.01, "calib_fraction": 0.2, "seed": 0, "max_images": 0}
+TRAIN_KEYS = {"fpr": 0.01, "calib_fraction": 0.2, "seed": 0, "max_images": 0, "min_images": 0}
+# Below this many held-out images a quantile threshold moves by whole images: with 7, one image
+# is 14% of the calibration set, so the realized false-alarm rate is a rough guess.
+MIN_CALIB_IMAGES = 20
+# What a count setting means at 0, for the error message of a negative one.
+_COUNT_MEANING = {"max_images": "0 (all)", "min_images": "0 (the detector's own minimum)"}
 
 
 class TrainOutcome(Enum):
@@ -72,23 +84,32 @@ class Calibration:
 
 
 def split_train_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(training-procedure settings with defaults, detector settings)."""
-    train = {key: settings.get(key, default) for key, default in TRAIN_KEYS.items()}
-    try:
-        train = {
-            "fpr": float(train["fpr"]),
-            "calib_fraction": float(train["calib_fraction"]),
-            "seed": int(train["seed"]),
-            "max_images": int(train["max_images"]),
-        }
-    except ValueError as exc:
-        raise ValueError(f"invalid training setting: {exc}") from None
-    if not 0.0 <= train["fpr"] < 1.0:
-        raise ValueError("fpr must be in [0, 1)")
-    if not 0.0 <= train["calib_fraction"] < 1.0:
-        raise ValueError("calib_fraction must be in [0, 1)")
+    """(training-procedure settings with defaults, detector settings); ValueError names a bad one.
+
+    The submitter calls this too, so a bad value is refused before any job is queued.
+    """
+    train: dict[str, Any] = {}
+    for key, default in TRAIN_KEYS.items():
+        kind = float if isinstance(default, float) else int
+        train[key] = _parse_number(key, settings.get(key, default), kind)
+    for key in ("fpr", "calib_fraction"):
+        if not 0.0 <= train[key] < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), not {train[key]}")
+    if train["seed"] < 0:  # numpy's generators refuse negative seeds, halfway through a job
+        raise ValueError(f"seed must be 0 or a positive integer, not {train['seed']}")
+    for key, meaning in _COUNT_MEANING.items():
+        if train[key] < 0:
+            raise ValueError(f"{key} must be {meaning} or a positive count, not {train[key]}")
     detector = {key: value for key, value in settings.items() if key not in TRAIN_KEYS}
     return train, detector
+
+
+def _parse_number(key: str, raw: Any, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(str(raw).strip()) if isinstance(raw, str) else kind(raw)
+    except (TypeError, ValueError):
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"training setting {key} must be {noun}, not {raw!r}") from None
 
 
 def with_seed(detector: str, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -137,16 +158,22 @@ def _train(
     torch.manual_seed(train_settings["seed"])
     detector = registry.create(params["detector"], with_seed(params["detector"], detector_settings,
                                                              train_settings["seed"])).to(device)
-    items = _training_items(source_spec, params.get("split"), train_settings["max_images"])
+    items = _training_items(to_os(source_spec), params.get("split"), train_settings["max_images"],
+                            ctx.settings.allowed_roots)
     fit_items, calib_items = _holdout(items, train_settings["calib_fraction"], train_settings["seed"])
-    fit_pixels, failed = _load_pixels(fit_items, detector, progress)
-    calib_pixels, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images")
+    minimum = train_settings["min_images"] or detector.min_fit_images
+    check_fit_count(detector.name, len(fit_items), minimum)  # before loading: it can only shrink
+    max_bytes = ctx.settings.max_file_bytes
+    fit_pixels, failed = _load_pixels(fit_items, detector, progress, max_bytes=max_bytes)
+    calib_pixels, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images",
+                                              max_bytes=max_bytes)
     with ctx.store.session() as session:
         if not renew_job_lease(session, held, lease_until(ctx), n_failed=failed + calib_failed):
             raise LeaseLost(f"train job {held.job_id} lost its lease while loading images")
     n_images = len(fit_pixels) + len(calib_pixels)
     if len(fit_pixels) < 2:
         raise AdqueueError(f"only {len(fit_pixels)} readable training image(s) in {source_spec}: need at least 2")
+    check_fit_count(detector.name, len(fit_pixels), minimum, unreadable=failed)
     started = time.perf_counter()
     detector.train()
     report = detector.fit(TensorImages(fit_pixels), progress=progress)
@@ -154,6 +181,9 @@ def _train(
     calibration = _calibrate(detector, calib_pixels if len(calib_pixels) else fit_pixels,
                              train_settings["fpr"], progress, in_sample=not len(calib_pixels))
     fit_seconds = time.perf_counter() - started
+    warnings = calibration_warnings(calibration, train_settings["calib_fraction"])
+    for warning in warnings:
+        log.warning("train job %s: %s", held.job_id, warning)
     extra = {
         "threshold": calibration.threshold,
         "map_range": list(calibration.map_range),
@@ -161,13 +191,35 @@ def _train(
         "fit": {"n_images": report.n_images, "seconds": round(fit_seconds, 3),
                 "losses": report.losses[-20:], **report.info},
         "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample},
+        "warnings": warnings,
     }
     counts = {"n_total": n_images + failed + calib_failed, "n_done": n_images}  # trained and calibrated on
     return _register(ctx, held, params, detector, extra, train_settings, counts)
 
 
-def _training_items(spec: str, split: str | None, max_images: int) -> list[Item]:
-    source = open_source(spec, split=split)
+def check_fit_count(detector: str, n_fit: int, minimum: int, *, unreadable: int = 0) -> None:
+    """Refuse to fit on fewer images than `minimum`: such a model scores no better than chance."""
+    if n_fit >= minimum:
+        return
+    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
+    raise AdqueueError(f"{detector} needs at least {minimum} defect-free images to fit, got {n_fit}{skipped}; "
+                       f"--set min_images={n_fit} to train anyway")
+
+
+def calibration_warnings(calibration: Calibration, calib_fraction: float) -> list[str]:
+    """Why the threshold's false-alarm rate may be far from the target fpr; empty when it should hold."""
+    if calibration.in_sample:  # a model fits its own training images best: their scores run low
+        why = "calib_fraction=0" if calib_fraction == 0 else "no held-out calibration images"
+        return [f"{why}: the threshold is calibrated on the training images themselves, which score lower "
+                "than new images: expect more false alarms than the target fpr"]
+    if calibration.n_images < MIN_CALIB_IMAGES:
+        return [f"the threshold is calibrated on only {calibration.n_images} held-out images: its false-alarm "
+                "rate is a rough guess; add defect-free images or raise calib_fraction"]
+    return []
+
+
+def _training_items(spec: str, split: str | None, max_images: int, allowed_roots: tuple[Path, ...]) -> list[Item]:
+    source = open_source(spec, split=split, allowed_roots=allowed_roots)
     items = [item for item in source.items() if item.label in (None, 0)]
     if max_images:
         items = items[:max_images]
@@ -187,13 +239,13 @@ def _holdout(items: list[Item], fraction: float, seed: int) -> tuple[list[Item],
 
 
 def _load_pixels(
-    items: list[Item], detector: Detector, progress: Progress, phase: str = "loading images"
+    items: list[Item], detector: Detector, progress: Progress, phase: str = "loading images", *, max_bytes: int,
 ) -> tuple[Tensor, int]:
     prep = detector.preprocess
     pixels = torch.empty((len(items), prep.channels, prep.size, prep.size), dtype=torch.uint8)
     progress.phase(phase, len(items))
     count = failed = 0
-    for entry in load_stream(items, prep):
+    for entry in load_stream(items, prep, max_bytes=max_bytes):
         if entry.decoded is None:
             log.warning("skipping unreadable training image %s: %s", entry.item.path, entry.error)
             failed += 1
@@ -219,12 +271,45 @@ def _calibrate(detector: Detector, pixels: Tensor, fpr: float, progress: Progres
             map_values.append(result.maps.numpy()[:, ::4, ::4].reshape(-1))
         progress.advance(len(chunk))
     all_scores = np.concatenate(scores)
+    check_scores_finite(all_scores)
     if map_values:
         values = np.concatenate(map_values)
         map_range = (float(np.percentile(values, 50)), float(values.max()))
     else:
         map_range = (0.0, 1.0)
-    return Calibration(detector.calibrate_threshold(all_scores, fpr), map_range, len(all_scores), in_sample)
+    threshold = detector.calibrate_threshold(all_scores, fpr)
+    check_threshold(threshold, all_scores, extrapolates=own_threshold_rule(detector))
+    return Calibration(threshold, map_range, len(all_scores), in_sample)
+
+
+def check_scores_finite(scores: np.ndarray) -> None:
+    """A NaN or infinite normal score means a broken fit (overflow, diverged training): refuse it."""
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise AdqueueError(f"the model's scores on the {len(scores)} calibration images are not finite "
+                           f"({bad} of {len(scores)}): nothing was registered")
+
+
+def own_threshold_rule(detector: Detector) -> bool:
+    """True when the detector replaces the empirical quantile with a rule of its own (which may
+    extrapolate beyond the scores, like encoder_flow's Gaussian bound)."""
+    return type(detector).calibrate_threshold is not Detector.calibrate_threshold
+
+
+def check_threshold(threshold: float, scores: np.ndarray, *, extrapolates: bool) -> None:
+    """The threshold must be finite and near the calibration scores.
+
+    A quantile lies within [min, max] of the scores by construction, so anything else is a bug. A
+    rule that extrapolates may go past them, but not by more than their whole range again:
+    further out it is read off a fitted tail and no normal image would ever reach it.
+    """
+    low, high = float(scores.min()), float(scores.max())
+    spread = high - low if extrapolates else 0.0
+    if np.isfinite(threshold) and low - spread <= threshold <= high + spread:
+        return
+    hint = "; raise fpr or calibrate on more images" if extrapolates else ""
+    raise AdqueueError(f"the threshold {threshold:.6g} is outside [{low - spread:.6g}, {high + spread:.6g}], the "
+                       f"range that the {len(scores)} calibration scores support: nothing was registered{hint}")
 
 
 def _register(
@@ -243,8 +328,10 @@ def _register(
                 name=name, version=version, detector=detector.name,
                 backbone=getattr(detector.config, "backbone", None),
                 params={"config": detector.config_dict(), "train": train_settings, "fit": extra["fit"],
-                        "map_range": extra["map_range"], "calibration": extra["calibration"]},
+                        "map_range": extra["map_range"], "calibration": extra["calibration"],
+                        "warnings": extra["warnings"]},
                 artifact_path=artifact, threshold=extra["threshold"], train_job_id=held.job_id,
+                artifact_sha256=file_sha256(ctx.data_dir.resolve(artifact)),
             )
             session.add(model)
             session.flush()

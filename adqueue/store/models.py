@@ -102,9 +102,10 @@ class Model(Base):
     backbone: Mapped[str | None] = mapped_column(String(100))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     artifact_path: Mapped[str] = mapped_column(Text)
-    threshold: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)  # the one used to flag images
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     train_job_id: Mapped[int | None] = mapped_column(Integer)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))  # checked each time the file is loaded
 
 
 class Job(Base):

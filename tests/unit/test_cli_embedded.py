@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from adqueue.cli import cli
-from tests.conftest import FAST_MVG
+from tests.conftest import FAST_MVG, invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +15,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("embedded")
 
 
-def invoke(data_dir: Path, *args: str, ok: bool = True):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(cli, ["--data-dir", str(data_dir), *args], env={"ADQUEUE_BROKER_URL": ""},
-                                catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+def invoke(data_dir: Path, *args: str, ok: bool = True) -> Result:
+    return invoke_cli(data_dir, *args, ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +116,8 @@ def test_detectors_lists_settings_with_defaults(data_dir: Path) -> None:
     rows = json.loads(invoke(data_dir, "detectors", "--format", "json").stdout)
     mvg = {r["setting"]: r["default"] for r in rows if r["detector"] == "mvg"}
     assert mvg["backbone"] == "efficientnet_lite2" and mvg["levels"] == "3,4,5,6,7"
-    assert {r["setting"] for r in rows if r["detector"] == "(training)"} == {"fpr", "calib_fraction", "seed", "max_images"}
+    assert {r["setting"] for r in rows if r["detector"] == "(training)"} == {
+        "fpr", "calib_fraction", "seed", "max_images", "min_images"}
     assert "seed" not in mvg  # one seed for everything, set as a training key
     assert invoke(data_dir, "detectors", "nope", ok=False).exit_code != 0
 
