@@ -136,10 +136,16 @@ class ChaosDeployment:
         return subprocess.Popen([sys.executable, "-m", "adqueue", *args], env=env or self.env, cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
 
-    def submit_score(self, dump: Path, shard_size: int, *, env: dict[str, str] | None = None) -> int:
-        done = run_cli(["score", "--model", "chaos", str(dump), "--shard-size", str(shard_size), "--heatmaps", "all"],
-                       env or self.env)
-        return int(done.stdout.split()[0])
+    def submit_score(self, dump: Path, shard_size: int) -> int:
+        """Submitted from this process, through the service the CLI calls: it returns the moment
+        the shards are queued, so a scenario can watch the job from its very start."""
+        from adqueue.service.submit import submit_score
+        from workers.producer import CeleryDispatcher
+
+        settings = Settings.load(data_dir=self.env["ADQUEUE_DATA_DIR"], database_url=self.env["ADQUEUE_DATABASE_URL"],
+                                 broker_url=self.env["ADQUEUE_BROKER_URL"], queue=self.env["ADQUEUE_QUEUE"])
+        return submit_score(self.ctx, CeleryDispatcher(settings), model="chaos", data=str(dump),
+                            shard_size=shard_size, heatmaps="all").job_id
 
     def score_until(self, dump_source: Path, n_images: int, shard_size: int,
                     until: Callable[[dict[str, int]], bool]) -> tuple[int, int]:
@@ -167,7 +173,14 @@ class ChaosDeployment:
             select(Shard.status, func.count()).where(Shard.job_id == job_id).group_by(Shard.status)).all()))
 
     def wait_shards(self, job_id: int, what: Callable[[dict[str, int]], bool], timeout: float = 120) -> None:
-        wait_until(lambda: what(self.shard_counts(job_id)), timeout, f"shards of job {job_id}", interval=0.05)
+        """Until the job's shard counts satisfy `what`: the moment for a fault."""
+        deadline = time.monotonic() + timeout
+        while not what(self.shard_counts(job_id)):
+            if self.job(job_id).status in JobStatus.ENDED:  # too late for this fault: say so at once
+                raise AssertionError(f"job {job_id} ended before the moment for the fault came")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}'s shards never reached the moment for the fault")
+            time.sleep(0.02)
 
     def wait_end(self, job_id: int, timeout: float = 180) -> float:
         wait_until(lambda: self.job(job_id).status in JobStatus.ENDED, timeout, f"job {job_id} to end", interval=0.1)

@@ -75,7 +75,7 @@ def test_a_broken_model_file_fails_the_job_at_once(faulty: Deployment, textures,
     else:
         artifact.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
     summary = _score(faulty, f"broken-{damage}", dump)
-    expected = "model file missing" if damage == "missing" else "is unreadable (truncated or corrupt?)"
+    expected = "model file missing" if damage == "missing" else f"changed since broken-{damage}:1 was registered"
     assert summary["status"] == "failed" and expected in summary["error"]
     with _store(faulty.env).store.session() as session:  # one run, no retries, nothing left open
         assert session.query(Run).filter_by(job_id=summary["job_id"], kind="shard").count() == 1

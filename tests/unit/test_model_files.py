@@ -121,3 +121,13 @@ def test_an_unreadable_mask_leaves_one_image_out_of_the_pixel_metrics(trained, t
         broken.write_bytes(original)
     assert out["status"] == "done" and out["n_unreadable_masks"] == 1
     assert out["pixel_auroc"] > 0.5 and out["n_pixel_images"] == out["n_images"] - 1
+
+
+def test_a_truncated_file_without_a_recorded_hash_is_one_clear_line(trained, textures) -> None:  # type: ignore[no-untyped-def]
+    data_dir, ctx, model = trained
+    path = ctx.data_dir.resolve(model.artifact_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with ctx.store.session() as session:  # as a model registered before hashes were recorded
+        session.get_one(Model, model.id).artifact_sha256 = None
+    code, job, _ = _score(data_dir, textures[1])
+    assert code == 1 and "is unreadable (truncated or corrupt?)" in job["error"] and "\n" not in job["error"]
