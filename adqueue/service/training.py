@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ from adqueue.store.models import Job, JobStatus, Model
 from adqueue.store.writes import ClaimedJob, claim_train, end_job_run, renew_job_lease
 
 log = logging.getLogger(__name__)
+
+MAX_STORED_CALIBRATION_SCORES = 5000  # kept in models.params; more adds nothing to a histogram
 
 # Settings of the training procedure itself; every other --set key belongs to the detector.
 TRAIN_KEYS = {"fpr": 0.01, "calib_fraction": 0.2, "seed": 0, "max_images": 0, "min_images": 0}
@@ -81,6 +83,7 @@ class Calibration:
     map_range: tuple[float, float]
     n_images: int
     in_sample: bool
+    scores: list[float] = field(default_factory=list)
 
 
 def split_train_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -190,7 +193,9 @@ def _train(
         "fpr": train_settings["fpr"],
         "fit": {"n_images": report.n_images, "seconds": round(fit_seconds, 3),
                 "losses": report.losses[-20:], **report.info},
-        "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample},
+        # The scores themselves: what a night's normal scores are compared with (drift, histograms).
+        "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample,
+                        "scores": calibration.scores[:MAX_STORED_CALIBRATION_SCORES]},
         "warnings": warnings,
     }
     counts = {"n_total": n_images + failed + calib_failed, "n_done": n_images}  # trained and calibrated on
@@ -279,7 +284,7 @@ def _calibrate(detector: Detector, pixels: Tensor, fpr: float, progress: Progres
         map_range = (0.0, 1.0)
     threshold = detector.calibrate_threshold(all_scores, fpr)
     check_threshold(threshold, all_scores, extrapolates=own_threshold_rule(detector))
-    return Calibration(threshold, map_range, len(all_scores), in_sample)
+    return Calibration(threshold, map_range, len(all_scores), in_sample, [round(float(v), 6) for v in all_scores])
 
 
 def check_scores_finite(scores: np.ndarray) -> None:

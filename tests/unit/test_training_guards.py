@@ -114,12 +114,19 @@ def test_unreadable_images_do_not_count_toward_the_minimum(data_dir: Path, textu
                                            "(5 unreadable skipped); --set min_images=15 to train anyway")
 
 
+def stored_threshold(data_dir: Path, name: str) -> float:
+    rows = json.loads(invoke(data_dir, "models", "--format", "json").stdout)
+    return next(float(r["threshold"]) for r in rows if r["model"].startswith(f"{name}:"))
+
+
 def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
     # 24 defect-free images with calib_fraction 0.2: 5 held out
     result = train(data_dir, textures[0], "bricks", *FAST_MVG)
     assert f"warning: {FEW_CALIB}" in flat(result.stderr)
     params = stored_params(data_dir, "bricks")
-    assert params["calibration"] == {"n_images": 5, "in_sample": False}
+    assert {k: params["calibration"][k] for k in ("n_images", "in_sample")} == {"n_images": 5, "in_sample": False}
+    scores = params["calibration"]["scores"]  # kept for comparing later nights with
+    assert len(scores) == 5 and max(scores) == pytest.approx(stored_threshold(data_dir, "bricks"), rel=1e-5)
     assert params["warnings"] == [FEW_CALIB]
     assert models(data_dir)["bricks:1"]["warnings"] == [FEW_CALIB]
     table = invoke(data_dir, "models").stdout
@@ -131,7 +138,8 @@ def test_calibrating_on_the_training_images_warns(data_dir: Path, textures) -> N
     assert f"warning: {IN_SAMPLE}" in flat(result.stderr)
     (warning,) = stored_params(data_dir, "insample")["warnings"]
     assert warning.startswith(IN_SAMPLE) and "more false alarms than the target fpr" in warning
-    assert stored_params(data_dir, "insample")["calibration"] == {"n_images": 24, "in_sample": True}
+    calibration = stored_params(data_dir, "insample")["calibration"]
+    assert (calibration["n_images"], calibration["in_sample"], len(calibration["scores"])) == (24, True, 24)
 
 
 def test_enough_held_out_images_give_no_warning() -> None:
