@@ -137,6 +137,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     # When its last message (train or finish) was sent; NULL while one is owed.
     enqueued_at: Mapped[datetime | None]
+    # Files left out by `score --skip-scored`: scored before by this model version, unchanged since.
+    n_skipped: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Shard(Base):
@@ -190,6 +192,7 @@ class Result(Base):
         UniqueConstraint("job_id", "path", name="uq_results_job_path"),
         Index("ix_results_job_score", "job_id", "score"),
         Index("ix_results_model", "model_id"),
+        Index("ix_results_model_path", "model_id", "path"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -209,6 +212,9 @@ class Result(Base):
     scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # every score a detector offers
     scored_at: Mapped[datetime] = mapped_column(default=utcnow)
     run_id: Mapped[int | None] = mapped_column(Integer)  # the shard run that wrote it
+    # The file as it was read: with sha256, what `score --skip-scored` recognizes unchanged files by.
+    file_size: Mapped[int | None] = mapped_column(BigInteger)
+    file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Metric(Base):
