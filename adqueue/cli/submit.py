@@ -119,7 +119,8 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
             info(f"[yellow]warning:[/yellow] {escape(warning)}")
     elif summary["kind"] in ("score", "evaluate"):
         info(f"{summary['kind']} job {summary['job_id']}: {status}, {summary['n_done']} scored, "
-             f"{summary['n_failed']} failed of {summary['n_total']} in {summary['shards']} shard(s)")
+             f"{summary['n_failed']} failed of {summary['n_total']} in {summary['shards']} shard(s)"
+             + (f"; {summary['n_skipped']} skipped (scored before, unchanged)" if summary.get("n_skipped") else ""))
     if metrics:
         emit_object(metrics, fmt, title="metrics")
 
@@ -155,17 +156,21 @@ def train(ctx: click.Context, detector: str, data: str, name: str, backbone: str
 @split_option
 @shard_option
 @heatmaps_option
+@click.option("--skip-scored", is_flag=True, help="Leave out files this model version has scored before and "
+              "that have not changed since (same size and mtime, or same SHA-256): for nightly dumps that "
+              "overlap. The job counts them (n_skipped); its results hold only the new files.")
 @device_option
 @wait_option
 @format_option
 @click.pass_context
 def score(ctx: click.Context, path: str, model: str, split: str | None, shard_size: int, heatmaps: str,
-          device: str | None, wait: bool, fmt: str) -> None:
+          skip_scored: bool, device: str | None, wait: bool, fmt: str) -> None:
     """Score every file under PATH (a folder, MVTec root or manifest CSV) with a trained model.
 
     Files that are not decodable images get a result row with an error; the job goes on."""
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_score(
-        c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps))
+        c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps,
+        skip_scored=skip_scored))
     report_job(context, submitted, fmt, wait)
 
 

@@ -43,12 +43,14 @@ class DecodedImage:
     width: int  # of the file, before resizing
     height: int
     sha256: str
+    file_size: int = 0  # the file as read: with sha256, how `score --skip-scored` knows it again
+    file_mtime_ns: int = 0
 
 
 def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None,
                max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
     """Decode `path` (an OS path) to `channels` (1 or 3) and resize to `size` (width, height)."""
-    data = read_file(path, max_bytes=max_bytes)
+    data, info = read_file(path, max_bytes=max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     image = decode_bytes(data, channels=channels)
     width, height = image.size
@@ -57,11 +59,12 @@ def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None,
     pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest)
+    return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest, file_size=info.st_size,
+                        file_mtime_ns=info.st_mtime_ns)
 
 
-def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of a regular image file of at most `max_bytes`, or an ImageError saying why not.
+def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, os.stat_result]:
+    """The bytes (and stat) of a regular image file of at most `max_bytes`, or an ImageError why not.
 
     Only regular files are opened (a FIFO would block the reader forever, a device never ends);
     the format is checked from the first bytes and the size from the inode before the rest is
@@ -83,7 +86,7 @@ def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             if info.st_size > max_bytes:
                 raise ImageError(f"file too large: {info.st_size / 2**20:.0f} MiB "
                                  f"(limit {max_bytes / 2**20:.0f} MiB, ADQUEUE_MAX_FILE_MB)")
-            return head + handle.read(max_bytes + 1 - len(head))  # a file growing meanwhile stays bounded
+            return head + handle.read(max_bytes + 1 - len(head)), info  # a file growing meanwhile stays bounded
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
 
@@ -126,7 +129,7 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """A ground-truth mask as a boolean [H, W] array at `size` (width, height)."""
     try:
-        data = read_file(path)
+        data, _ = read_file(path)
         with Image.open(io.BytesIO(data)) as image:
             mask = image.convert("L").resize(size, Image.Resampling.NEAREST)
     except ImageError as exc:

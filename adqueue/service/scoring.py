@@ -247,10 +247,13 @@ def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> 
         "scored_at": utcnow(),
         "heatmap_path": None,
         "sha256": None, "score": None, "is_anomaly": None, "width": None, "height": None, "scores": None,
+        "file_size": None, "file_mtime_ns": None,
     }
     if index is None or entry.decoded is None:
         return row
-    row.update(sha256=entry.decoded.sha256, width=entry.decoded.width, height=entry.decoded.height)
+    decoded = entry.decoded
+    row.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height, file_size=decoded.file_size,
+               file_mtime_ns=decoded.file_mtime_ns)
     score = float(scores.image[index])
     if not math.isfinite(score):
         # NaN compares false with any threshold: without this a broken model passes every image.

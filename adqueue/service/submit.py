@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -30,6 +30,7 @@ from adqueue.service.context import Context
 from adqueue.service.control import interruptions_marked
 from adqueue.service.dispatch import Dispatcher
 from adqueue.service.finishing import after_shard_closed
+from adqueue.service.incremental import SkipScored
 from adqueue.service.leases import DB_RETRY_S, LeaseLost, lease_until
 from adqueue.service.models import resolve_model
 from adqueue.service.scoring import HEATMAP_MODES
@@ -94,10 +95,11 @@ def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None
 
 def submit_score(
     ctx: Context, dispatcher: Dispatcher, *, model: str, data: str, split: str | None = None,
-    shard_size: int = 256, heatmaps: str = "flagged",
+    shard_size: int = 256, heatmaps: str = "flagged", skip_scored: bool = False,
 ) -> Submitted:
     source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
-    return _submit_sharded(ctx, dispatcher, JobKind.SCORE, model, source, shard_size=shard_size, heatmaps=heatmaps)
+    return _submit_sharded(ctx, dispatcher, JobKind.SCORE, model, source, shard_size=shard_size, heatmaps=heatmaps,
+                           skip_scored=skip_scored)
 
 
 def submit_evaluate(
@@ -116,7 +118,7 @@ def submit_evaluate(
 
 def _submit_sharded(
     ctx: Context, dispatcher: Dispatcher, kind: str, model_ref: str, source: Source, *,
-    shard_size: int, heatmaps: str,
+    shard_size: int, heatmaps: str, skip_scored: bool = False,
 ) -> Submitted:
     if not 1 <= shard_size <= MAX_SHARD_SIZE:
         raise AdqueueError(f"--shard-size must be between 1 and {MAX_SHARD_SIZE}, not {shard_size}")
@@ -128,7 +130,7 @@ def _submit_sharded(
     with ctx.store.session() as session:
         model = resolve_model(session, model_ref)
         params = {"model": f"{model.name}:{model.version}", "split": source.split, "heatmaps": heatmaps,
-                  "shard_size": shard_size}
+                  "shard_size": shard_size, "skip_scored": skip_scored}
         held = create_job(session, kind=kind, source=to_text(str(source.root)), params=params, model_id=model.id,
                           queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
         model_id = model.id
@@ -142,17 +144,23 @@ def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) 
     then queue the job. Returns the number of shards written by this call."""
     with ctx.store.session() as session:
         job = session.get_one(Job, held.job_id)
-        source_spec, kind, params = job.source, job.kind, dict(job.params)
+        source_spec, kind, params, model_id = job.source, job.kind, dict(job.params), job.model_id
         n_shards, n_items, last_path = submission_progress(session, held.job_id)
     with submission_guard(ctx, held.job_id):
         source = open_source(to_os(source_spec), split=params.get("split"), allowed_roots=ctx.settings.allowed_roots)
         keep = _labeled if kind == JobKind.EVALUATE else None
         items = source.items_after(n_items, last_path, keep)
+        skip = SkipScored(ctx, model_id) if params.get("skip_scored") and model_id is not None else None
+        if skip is not None:
+            items = skip(items)
+        skipped = skip.take_skipped if skip is not None else (lambda: 0)
         try:
-            written = _write_shards(ctx, dispatcher, held, items, int(params["shard_size"]), first_seq=n_shards)
+            written = _write_shards(ctx, dispatcher, held, items, int(params["shard_size"]), first_seq=n_shards,
+                                    skipped=skipped)
         except LeaseLost:
             return 0  # cancelled while submitting: nothing more to write
-        if not ctx.store.transaction(lambda session: end_submission(session, held), retry_s=DB_RETRY_S):
+        if not ctx.store.transaction(lambda session: end_submission(session, held, skipped=skipped()),
+                                     retry_s=DB_RETRY_S):
             return written
     after_shard_closed(ctx, held.job_id, dispatcher)  # every shard may already be done
     return written
@@ -163,14 +171,16 @@ def _labeled(item: Item) -> bool:
 
 
 def _write_shards(
-    ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, items: Iterator[Item], shard_size: int, *, first_seq: int
+    ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, items: Iterator[Item], shard_size: int, *, first_seq: int,
+    skipped: Callable[[], int],
 ) -> int:
     n_shards = 0
     chunks = iter(lambda: [item.to_row() for item in islice(items, shard_size)], [])
     while batch := list(islice(chunks, SHARDS_PER_COMMIT)):
-        seq = first_seq + n_shards
+        seq, left_out = first_seq + n_shards, skipped()
         ids = ctx.store.transaction(
-            lambda session, batch=batch, seq=seq: add_shards(session, held, seq, batch, lease_until=lease_until(ctx)),
+            lambda session, batch=batch, seq=seq, left_out=left_out: add_shards(
+                session, held, seq, batch, lease_until=lease_until(ctx), skipped=left_out),
             retry_s=DB_RETRY_S)
         if ids is None:
             raise LeaseLost(f"the submission of job {held.job_id} lost its lease (cancelled?)")

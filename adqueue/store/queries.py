@@ -31,6 +31,7 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "n_total": job.n_total,
         "n_done": job.n_done,
         "n_failed": job.n_failed,
+        "n_skipped": job.n_skipped,
         "phase": job.phase,
         "shards": sum(shard_counts.values()),
         "shards_queued": shard_counts.get("queued", 0),

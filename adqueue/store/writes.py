@@ -50,7 +50,7 @@ from adqueue.store.models import (
 # Columns an upsert refreshes when a (job_id, path) row already exists.
 _RESULT_UPDATE_COLUMNS = (
     "model_id", "shard_id", "sha256", "score", "is_anomaly", "heatmap_path", "error",
-    "width", "height", "label", "defect", "scores", "scored_at", "run_id",
+    "width", "height", "label", "defect", "scores", "scored_at", "run_id", "file_size", "file_mtime_ns",
 )
 
 
@@ -299,9 +299,11 @@ def claim_submission(session: Session, job_id: int, worker: str, *, lease_until:
 
 
 def add_shards(session: Session, held: ClaimedJob, first_seq: int, chunks: Sequence[Sequence[list[Any]]], *,
-               lease_until: datetime) -> list[int] | None:
-    """Write the next shards of a submission and renew its lease; None if the lease was lost."""
-    if not _renew_job(session, held, lease_until, statuses=(JobStatus.SUBMITTING,)):
+               lease_until: datetime, skipped: int = 0) -> list[int] | None:
+    """Write the next shards of a submission (and how many files were skipped before them) and
+    renew its lease; None if the lease was lost."""
+    if not _renew_job(session, held, lease_until, statuses=(JobStatus.SUBMITTING,),
+                      n_skipped=Job.n_skipped + skipped):
         return None
     shards = [Shard(job_id=held.job_id, seq=first_seq + offset, n_items=len(chunk), items=list(chunk))
               for offset, chunk in enumerate(chunks)]  # owed a message until stamp_enqueued_shards
@@ -310,7 +312,7 @@ def add_shards(session: Session, held: ClaimedJob, first_seq: int, chunks: Seque
     return [shard.id for shard in shards]
 
 
-def end_submission(session: Session, held: ClaimedJob, now: datetime | None = None) -> bool:
+def end_submission(session: Session, held: ClaimedJob, now: datetime | None = None, skipped: int = 0) -> bool:
     """Every shard is written: the job is queued (or running, if workers already started)."""
     now = now or utcnow()
     started = exists().where(Shard.job_id == held.job_id, Shard.status != ShardStatus.QUEUED)
@@ -318,7 +320,7 @@ def end_submission(session: Session, held: ClaimedJob, now: datetime | None = No
     won = session.execute(
         update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status == JobStatus.SUBMITTING)
         .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED), n_total=total,
-                submitted_at=now, lease_expires_at=None, attempts=0)
+                submitted_at=now, lease_expires_at=None, attempts=0, n_skipped=Job.n_skipped + skipped)
     ).rowcount
     if won:
         end_run(session, held.run_id, RunOutcome.DONE, now=now)
