@@ -1,7 +1,8 @@
-"""The `adqueue` command's entry point: tune malloc first, import the CLI (torch and all) after.
+"""The `adqueue` command's entry point: tune malloc first where it pays, import the CLI after.
 
 The one-time re-exec (malloc_tuning.py) must happen before the heavy imports, or every command
-would pay for importing torch twice.
+that computes would pay for importing torch twice; commands that only read SQL or submit to a
+broker are not re-executed at all, and import no torch (the CLI imports it where a job runs).
 """
 
 from __future__ import annotations

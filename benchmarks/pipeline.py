@@ -162,7 +162,7 @@ def main() -> None:
             if server is not None:
                 server.__exit__(None, None, None)
         sizes = [int(n) for n in args.memory_sizes.split(",")]
-        print(f"\n## memory of `adqueue score` (embedded, 64 px images)\n\n| images | peak RSS MiB | seconds |\n|---|---|---|")
+        print("\n## memory of `adqueue score` (embedded, 64 px images)\n\n| images | peak RSS MiB | seconds |\n|---|---|---|")
         for size, rss, seconds in bench_memory(root, sizes):
             print(f"| {size} | {rss:.0f} | {seconds:.1f} |")
 

@@ -31,7 +31,7 @@ from adqueue.cli.demo import build_dataset  # noqa: E402
 from adqueue.config import Settings  # noqa: E402
 from adqueue.data.loader import load_stream, stack_pixels, to_float  # noqa: E402
 from adqueue.data.sources import open_source  # noqa: E402
-from adqueue.detectors.base import NullProgress  # noqa: E402
+from adqueue.progress import NullProgress  # noqa: E402
 from adqueue.service.context import Context  # noqa: E402
 from adqueue.service.dispatch import InlineDispatcher, NullScoreProgress  # noqa: E402
 from adqueue.service.models import load_detector, resolve_model  # noqa: E402

@@ -78,4 +78,4 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     return Settings.load(**options)
 
 
-from adqueue.cli import admin, control, inspect, submit  # noqa: E402,F401 - registers the verbs
+from adqueue.cli import admin, control, inspect, serve, submit  # noqa: E402,F401 - registers the verbs

@@ -59,8 +59,8 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
     settings = settings_from(ctx)
     context = Context(settings)
     dispatchers: dict[str | None, object] = {}
-    if settings.embedded:  # an evaluation whose process died after its last shard finishes here
-        from adqueue.detectors.base import NullProgress
+    if settings.embedded:  # an evaluation whose process died after its last shard finishes here (torch-free)
+        from adqueue.progress import NullProgress
         from adqueue.service.dispatch import InlineDispatcher, NullScoreProgress
 
         dispatchers[None] = InlineDispatcher(context, train_progress=NullProgress, score_progress=NullScoreProgress)

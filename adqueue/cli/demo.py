@@ -128,3 +128,4 @@ def run_demo(settings: Settings, *, n_normal: int, n_dump: int) -> None:
     emit_rows([dict(zip(columns, row, strict=True)) for row in rows], columns, "table")
     info(f"\nheat maps (paths relative to {ctx.data_dir.root}): {ctx.data_dir.root / 'heatmaps' / f'job{scored.job_id}'}")
     info(f"next: adqueue results {scored.job_id} --anomalous   |   adqueue jobs   |   adqueue models")
+    info(f"\nstart `adqueue serve` and open http://127.0.0.1:8080/jobs/{scored.job_id}")

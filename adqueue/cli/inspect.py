@@ -8,7 +8,7 @@ from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, emit_rows, format_option
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
-from adqueue.store import queries, read_only_sql
+from adqueue.store import queries
 
 
 def _context(ctx: click.Context) -> Context:
@@ -93,6 +93,8 @@ def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: flo
     ADQUEUE_SQL_DATABASE_URL, when set, is the database URL this verb uses instead of --db /
     ADQUEUE_DATABASE_URL: give it a PostgreSQL role that may only read (docker-compose.yml's
     adqueue_reader) before handing this verb to others."""
+    from adqueue.store import read_only_sql  # sqlparse: only for this verb
+
     settings = settings_from(ctx)
     url = settings.sql_database_url
     # A separate reader's URL is never used to migrate (a reader may not): only the main one is.
@@ -116,25 +118,23 @@ def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: flo
 def detectors(name: str | None, fmt: str) -> None:
     """The detectors and their `--set` settings with defaults (all of them, or NAME's)."""
     import dataclasses
-    import sys
 
     from adqueue.detectors import registry
-    from adqueue.service.training import TRAIN_KEYS
+    from adqueue.service.train_settings import TRAIN_KEYS
 
     rows = []
     for detector in [name] if name else registry.names():
-        try:
-            cls = registry.detector_class(detector)
+        try:  # the settings modules (detectors/configs/), not the detectors: no torch to list them
+            spec = registry.config_spec(detector)
         except ValueError as exc:
             raise AdqueueError(str(exc)) from None
-        summary = ((sys.modules[cls.__module__].__doc__ or "").strip().splitlines() or [""])[0]
-        for item in dataclasses.fields(cls.Config):
+        for item in dataclasses.fields(spec.config_class):
             if item.name in TRAIN_KEYS:
                 continue  # set through the training key of the same name
             default = item.default if item.default is not dataclasses.MISSING else None
             if isinstance(default, tuple):
                 default = ",".join(str(v) for v in default)
-            rows.append({"detector": detector, "setting": item.name, "default": default, "about": summary})
+            rows.append({"detector": detector, "setting": item.name, "default": default, "about": spec.summary})
     rows += [{"detector": "(training)", "setting": key, "default": value, "about": "any detector"}
              for key, value in TRAIN_KEYS.items()]
     emit_rows(rows, ["detector", "setting", "default"] + (["about"] if fmt != "table" else []), fmt)

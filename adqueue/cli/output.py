@@ -1,4 +1,8 @@
-"""Printing data: a table for people, JSON or CSV for scripts. Messages go to stderr."""
+"""Printing data: a table for people, JSON or CSV for scripts. Messages go to stderr.
+
+rich is imported when something is printed with it (a table, a message), not when the CLI is
+loaded: `--help` and JSON output do without it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FORMATS = ("table", "json", "csv")
 format_option = click.option(
@@ -20,7 +25,13 @@ format_option = click.option(
     help="table for people; json or csv for scripts.",
 )
 
-stderr = Console(stderr=True, highlight=False)
+
+@cache
+def stderr_console() -> Console:
+    """The one console for messages and progress bars, on stderr."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def _plain(value: Any) -> Any:
@@ -40,6 +51,10 @@ def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, 
         for row in rows:
             writer.writerow(["" if row.get(c) is None else _plain(row.get(c)) for c in columns])
     else:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(title=title, show_edge=False, header_style="bold")
         for column in columns:
             table.add_column(column, overflow="fold")
@@ -54,6 +69,10 @@ def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> N
     elif fmt == "csv":
         emit_rows([obj], list(obj), "csv")
     else:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(title=title, show_header=False, show_edge=False)
         table.add_column("key", style="bold")
         table.add_column("value", overflow="fold")
@@ -63,4 +82,4 @@ def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> N
 
 
 def info(message: str) -> None:
-    stderr.print(message)
+    stderr_console().print(message)

@@ -6,7 +6,7 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from adqueue.cli.output import stderr
+from adqueue.cli.output import stderr_console
 from adqueue.errors import JobStalled
 from adqueue.service.context import Context
 from adqueue.store.models import JobStatus, utcnow
@@ -21,7 +21,7 @@ def _bar() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=stderr,
+        console=stderr_console(),
         transient=False,
     )
 
@@ -74,7 +74,7 @@ def wait_for_job(ctx: Context, job_id: int, *, poll_s: float = 0.5, timeout_s: f
     try:
         return _follow(ctx, job_id, poll_s=poll_s, timeout_s=timeout_s)
     except KeyboardInterrupt:
-        stderr.print(f"stopped following job {job_id}; it goes on in the workers (adqueue jobs {job_id})")
+        stderr_console().print(f"stopped following job {job_id}; it goes on in the workers (adqueue jobs {job_id})")
         raise
 
 

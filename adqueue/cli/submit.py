@@ -1,22 +1,27 @@
-"""Submitting verbs: train, score, evaluate. Each prints the new job's id (or a JSON object)."""
+"""Submitting verbs: train, score, evaluate. Each prints the new job's id (or a JSON object).
+
+With a broker these only write SQL and send messages, so they import neither torch nor progress
+bars; what runs jobs in this process (the embedded default) is imported when it is about to.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.markup import escape
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
-from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
 from adqueue.data.sources import SPLITS
 from adqueue.detectors import registry
 from adqueue.errors import AdqueueError
 from adqueue.service.context import Context
-from adqueue.service.submit import Submitted, submit_evaluate, submit_score, submit_train
 from adqueue.store.queries import job_metrics, job_summary, model_warnings
+
+if TYPE_CHECKING:
+    from adqueue.cli.progress import ScoreBar, TrainBar
+    from adqueue.service.submit import Submitted
 
 wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
                            "failed or was cancelled, 3 if nothing moved for ADQUEUE_STALL_TIMEOUT seconds with "
@@ -49,12 +54,19 @@ def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> 
     bars: list[Any] = []
 
     def train_bar() -> TrainBar:
+        from adqueue.cli.progress import TrainBar
+
         bars.append(TrainBar())
         return bars[-1]
 
-    from adqueue.service.dispatch import make_dispatcher, signals_interrupt  # torch etc.: only to run jobs
+    def score_bar() -> ScoreBar:
+        from adqueue.cli.progress import ScoreBar
 
-    dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=ScoreBar)
+        return ScoreBar()
+
+    from adqueue.service.dispatch import make_dispatcher, signals_interrupt
+
+    dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=score_bar)
     try:
         if settings.embedded:  # the job runs here: a signal must leave it resumable, not `running`
             _heal_embedded(context)
@@ -88,6 +100,8 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
         with context.store.session() as session:
             summary = job_summary(session, submitted.job_id)
     else:
+        from adqueue.cli.progress import wait_for_job
+
         info(f"job {submitted.job_id} queued ({submitted.kind}); following it, Ctrl-C stops following only")
         summary = wait_for_job(context, submitted.job_id)
     metrics: dict[str, Any] = {}
@@ -107,6 +121,8 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
 def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> None:
     status = summary["status"]
     if summary["kind"] == "train" and status == "done":
+        from rich.markup import escape
+
         info(f"trained model [bold]{summary['model']}[/bold] (job {summary['job_id']})")
         # The job ran elsewhere (a worker) or its log lines scrolled past: repeat what training warned of.
         context = Context(settings_from(click.get_current_context()))
@@ -144,6 +160,8 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
 def train(ctx: click.Context, detector: str, data: str, name: str, backbone: str | None, pairs: tuple[str, ...],
           split: str | None, device: str | None, wait: bool, fmt: str) -> None:
     """Train a detector on defect-free images and register it as a new model version."""
+    from adqueue.service.submit import submit_train  # the write side: only for the verbs that write
+
     settings = _parse_settings(pairs, backbone)
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_train(
         c, d, detector=detector, data=data, name=name, settings=settings, split=split))
@@ -168,6 +186,8 @@ def score(ctx: click.Context, path: str, model: str, split: str | None, shard_si
     """Score every file under PATH (a folder, MVTec root or manifest CSV) with a trained model.
 
     Files that are not decodable images get a result row with an error; the job goes on."""
+    from adqueue.service.submit import submit_score
+
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_score(
         c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps,
         skip_scored=skip_scored))
@@ -189,6 +209,8 @@ def evaluate(ctx: click.Context, model: str, data: str, split: str, shard_size: 
              device: str | None, wait: bool, fmt: str) -> None:
     """Score a labeled test set and store image AUROC (per defect type too), pixel AUROC and PRO
     where masks exist, and the false-alarm rate and recall at the model's threshold."""
+    from adqueue.service.submit import submit_evaluate
+
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_evaluate(
         c, d, model=model, data=data, split=split, shard_size=shard_size, heatmaps=heatmaps))
     report_job(context, submitted, fmt, wait)

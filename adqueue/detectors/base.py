@@ -4,6 +4,10 @@ A detector takes float tensors in [0, 1] shaped [B, C, H, W] at its own `preproc
 defect-free images only, and scores a batch into one number per image plus an anomaly map per
 image. Everything needed to score the same way elsewhere (preprocessing, hyperparameters, fitted
 statistics) is in its config and its state dict.
+
+The torch-free parts live apart, for code that must not import torch: each detector's Config and
+its checks in detectors/configs/, `--set` parsing in detectors/settings.py, the Progress protocol
+in adqueue/progress.py.
 """
 
 from __future__ import annotations
@@ -11,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from adqueue.metrics import calibrate_threshold
+from adqueue.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -48,22 +52,6 @@ class FitReport:
     seconds: float
     losses: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-class Progress(Protocol):
-    """Where long work reports how far it got: a terminal bar, a SQL heartbeat, or nothing."""
-
-    def phase(self, name: str, total: int) -> None: ...
-
-    def advance(self, n: int = 1, **info: float) -> None: ...
-
-
-class NullProgress:
-    def phase(self, name: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int = 1, **info: float) -> None:
-        pass
 
 
 class Detector(nn.Module, ABC):
@@ -131,62 +119,3 @@ class Detector(nn.Module, ABC):
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self.config)))
-
-
-def build_config(config_cls: type, values: Mapping[str, Any]) -> Any:
-    """A detector Config from `--set key=value` strings or JSON values, with clear errors."""
-    hints = get_type_hints(config_cls)
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-        )
-    parsed = {key: coerce(key, hints[key], raw) for key, raw in values.items()}
-    return config_cls(**parsed)
-
-
-def coerce(key: str, annotation: Any, raw: Any) -> Any:
-    """Turn a string (or JSON value) into the annotated type: int, float, bool, str, tuples, optionals."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if args and type(None) in args:  # Optional[X]
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "all", "")):
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(key, inner[0], raw)
-    if origin is tuple:
-        parts = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).split(",") if p.strip()]
-        return tuple(coerce(key, args[0], part) for part in parts)
-    try:
-        if annotation is bool:
-            if isinstance(raw, bool):
-                return raw
-            lowered = str(raw).strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation in (int, float, str):
-            return annotation(str(raw).strip()) if annotation is not str else str(raw)
-    except ValueError:
-        raise ValueError(f"setting {key}={raw!r} is not a valid {annotation.__name__}") from None
-    raise TypeError(f"setting {key} has an unsupported type {annotation}")
-
-
-def require_at_least_one(config: Any, names: tuple[str, ...]) -> None:
-    """Counts and sizes in a detector's config: each must be >= 1 (all offenders named at once)."""
-    bad = [name for name in names if getattr(config, name) < 1]
-    if bad:
-        raise ValueError(f"{', '.join(bad)} must be at least 1")
-
-
-def require_choice(config: Any, name: str, allowed: tuple[Any, ...]) -> None:
-    value = getattr(config, name)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
-
-
-def require_grey_or_rgb(config: Any) -> None:
-    if config.channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {config.channels}")

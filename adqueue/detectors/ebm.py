@@ -50,44 +50,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from adqueue.detectors.base import (
-    Detector, FitReport, NullProgress, Preprocess, Progress, Scores, require_at_least_one, require_grey_or_rgb,
-)
+from adqueue.detectors.base import Detector, FitReport, Preprocess, Scores
 from adqueue.detectors.components.gradient_maps import (
     RunningMoments, channel_norm, image_norm, input_gradient, standardize,
 )
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
-
-
-@dataclass
-class EBMConfig:
-    image_size: int = 64  # the paper: 128; any multiple of 32 works (see the module docstring)
-    channels: int = 1  # 1 (grey) or 3 (RGB)
-    # Standardize each image's brightness and contrast before the energy net (components/photometric).
-    normalize: bool = True
-    width: int = 32  # filters of the first layer (Table 3: 32); the rest scale with it
-    iterations: int = 50  # parameter updates
-    batch_size: int = 32  # data images per update
-    negatives: int = 16  # SGLD chains per update: the main cost of training
-    sgld_steps: int = 100  # the paper's chain length
-    sgld_step_size: float = 10.0  # x <- x - step_size * dE/dx + sgld_noise * N(0, 1)
-    sgld_noise: float = 0.005
-    data_noise: float = 0.0  # std of Gaussian noise added to the data images during training
-    replay_buffer: int = 0  # persistent chains kept between updates; 0 = non-persistent (paper)
-    replay_reinit: float = 0.05  # share of chains restarted from noise when the buffer is on
-    lr: float = 1e-4
-    alpha: float = 0.1  # energy-magnitude regularization weight
-    grad_clip: float = 1.0  # max norm of the parameter gradient; 0 = off
-    norm: int = 2  # r of the paper: the default image score is A_std with this norm, L1 or L2
-    map_sigma: float = 4.0  # Gaussian blur of the a_std map, in input pixels; 0 = the raw map
-    seed: int = 0
+from adqueue.detectors.configs.ebm import EBMConfig
+from adqueue.detectors.configs.ebm import validate as validate_ebm_config
+from adqueue.progress import NullProgress, Progress
 
 
 class EnergyNet(nn.Module):
@@ -132,21 +108,7 @@ class EBMDetector(Detector):
 
     @classmethod
     def validate_config(cls, config: EBMConfig) -> None:
-        if config.image_size < 32 or config.image_size % 32:
-            raise ValueError(
-                f"image_size must be a multiple of 32 (five stride-2 convs), not {config.image_size}")
-        require_grey_or_rgb(config)
-        if config.norm not in (1, 2):
-            raise ValueError(f"norm must be 1 or 2 (L1 or L2), not {config.norm}")
-        require_at_least_one(config, ("width", "iterations", "batch_size", "negatives", "sgld_steps"))
-        for name in ("sgld_step_size", "lr"):
-            if not getattr(config, name) > 0:
-                raise ValueError(f"{name} must be > 0, not {getattr(config, name)}")
-        for name in ("sgld_noise", "data_noise", "alpha", "grad_clip", "map_sigma", "replay_buffer"):
-            if getattr(config, name) < 0:
-                raise ValueError(f"{name} must be >= 0, not {getattr(config, name)}")
-        if not 0.0 <= config.replay_reinit <= 1.0:
-            raise ValueError(f"replay_reinit must be in [0, 1], not {config.replay_reinit}")
+        validate_ebm_config(config)
 
     @property
     def preprocess(self) -> Preprocess:

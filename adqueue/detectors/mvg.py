@@ -13,41 +13,19 @@ bilinearly to the input size and averaged over levels.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from adqueue.detectors.base import Detector, FitReport, NullProgress, Preprocess, Progress, Scores
-from adqueue.detectors.components.backbones import check_levels, load_backbone
+from adqueue.detectors.base import Detector, FitReport, Preprocess, Scores
+from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.gaussian import GaussianScorer
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
-
-
-@dataclass
-class MVGConfig:
-    # The paper's EfficientNet-B4 needs hub weights; Lite2 at its native 260 px is the deepest
-    # EfficientNet that installs offline, and depth matters here (see README: Lite0 0.94, Lite2
-    # 0.96 image AUROC on MTD with the same levels).
-    backbone: str = "efficientnet_lite2"
-    image_size: int = 260
-    # EfficientNet levels: 0 stem, 1-7 MBConv stages, 8 head. The paper uses the middle of the
-    # network, levels 3-7, where features are generic rather than ImageNet-specific.
-    levels: tuple[int, ...] = (3, 4, 5, 6, 7)
-    # Localization: location Gaussians on these levels (levels 3-5 localize best on MTD).
-    map_levels: tuple[int, ...] = (3, 4, 5)
-    # OPCA: share of the variance carried by the kept least-variance components (paper: 0.05;
-    # 0.01-0.03 is the plateau on MTD). None ("all") keeps every component, the paper's advice
-    # for shallow networks such as resnet18.
-    variance: float | None = 0.02
-    map_variance: float | None = 0.1
-    local_samples: int = 64  # location vectors per image and level for the map Gaussians
-    map_sigma: float = 4.0  # Gaussian blur of the anomaly map, in input pixels
-    batch_size: int = 32
-    seed: int = 0
+from adqueue.detectors.configs.mvg import MVGConfig
+from adqueue.detectors.configs.mvg import validate as validate_mvg_config
+from adqueue.progress import NullProgress, Progress
 
 
 class MVGDetector(Detector):
@@ -65,14 +43,7 @@ class MVGDetector(Detector):
 
     @classmethod
     def validate_config(cls, config: MVGConfig) -> None:
-        check_levels(config.backbone, config.levels)
-        check_levels(config.backbone, config.map_levels)
-        for name in ("variance", "map_variance"):
-            value = getattr(config, name)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1] or 'all', not {value}")
-        if config.local_samples < 1 or config.batch_size < 1 or config.image_size < 32:
-            raise ValueError("local_samples and batch_size must be >= 1 and image_size >= 32")
+        validate_mvg_config(config)
 
     @property
     def preprocess(self) -> Preprocess:

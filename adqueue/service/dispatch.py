@@ -5,6 +5,9 @@ functions a worker runs, in order, right after submission (or `resume`), with pr
 the terminal. SIGTERM, SIGHUP and SIGINT stop such a run cleanly: the job is marked failed with
 the `adqueue resume` command that completes it, its open shards are queued again, and the
 interrupted attempt is not counted.
+
+This module imports nothing that computes: the submitting and reconciling code imports it, also
+with a broker. What trains and scores (torch and all) is imported once a job runs here.
 """
 
 from __future__ import annotations
@@ -14,18 +17,17 @@ import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from adqueue.detectors.base import Progress
 from adqueue.errors import Interrupted
+from adqueue.progress import Progress
 from adqueue.service.context import Context
 from adqueue.service.control import interruptions_marked
 from adqueue.service.finishing import run_finish
 from adqueue.service.models import ModelCache, apply_torch_threads, resolve_device
-from adqueue.service.scoring import ShardOutcome, run_shard
-from adqueue.service.training import run_train_job
 from adqueue.store.models import Job, JobKind, Shard, ShardStatus
 
 
@@ -65,7 +67,12 @@ class NullScoreProgress:
 
 
 class InlineDispatcher:
-    """Runs each job in this process as soon as it is submitted or resumed."""
+    """Runs each job in this process as soon as it is submitted or resumed.
+
+    Torch is imported, its threads capped and the device resolved on first use of `device` (the
+    first training or shard), so one built only to finish an evaluation (`adqueue reconcile`)
+    never imports it; `make_dispatcher` resolves the device at once, so that a bad `--device`
+    fails before a job is submitted."""
 
     queue: str | None = None
 
@@ -77,14 +84,20 @@ class InlineDispatcher:
         score_progress: Callable[[], ScoreProgress],
     ) -> None:
         self.ctx = ctx
-        apply_torch_threads(ctx.settings.torch_threads)
-        self.device = resolve_device(ctx.settings.device)
-        self.models = ModelCache(ctx, self.device)
         self.worker = f"inline-{os.getpid()}@{socket.gethostname()}"
         self._train_progress = train_progress
         self._score_progress = score_progress
         self._finish_due: set[int] = set()
         self._in_shard_loop = False
+
+    @cached_property
+    def device(self) -> Any:
+        apply_torch_threads(self.ctx.settings.torch_threads)  # before torch computes anything here
+        return resolve_device(self.ctx.settings.device)
+
+    @cached_property
+    def models(self) -> ModelCache:
+        return ModelCache(self.ctx, self.device)
 
     def enqueue_train(self, job_id: int) -> None:
         pass  # the job is found in SQL by after_submit
@@ -103,6 +116,9 @@ class InlineDispatcher:
             self._run(job_id)
 
     def _run(self, job_id: int) -> None:
+        from adqueue.service.scoring import ShardOutcome, run_shard  # torch: only when a job runs here
+        from adqueue.service.training import run_train_job
+
         with self.ctx.store.session() as session:
             job = session.get_one(Job, job_id)
             kind, total, done = job.kind, job.n_total, job.n_done + job.n_failed
@@ -161,7 +177,9 @@ def make_dispatcher(
     score_progress: Callable[[], ScoreProgress],
 ) -> Dispatcher:
     if ctx.settings.embedded:
-        return InlineDispatcher(ctx, train_progress=train_progress, score_progress=score_progress)
+        inline = InlineDispatcher(ctx, train_progress=train_progress, score_progress=score_progress)
+        inline.device  # noqa: B018 - a device that is not there fails now, before anything is submitted
+        return inline
     from workers.producer import CeleryDispatcher  # the queue side, only when a broker is set
 
     return CeleryDispatcher(ctx.settings)

