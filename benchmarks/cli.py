@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,9 +55,14 @@ def submit(env: dict[str, str], dump: Path) -> tuple[int, float, float]:
     from adqueue.service.context import Context
     from adqueue.store.models import Job
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = adqueue(["score", "--model", "m", str(dump), "--shard-size", "256"], env)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    # Through a fresh Python whose only child is the CLI, so ru_maxrss covers that process alone.
+    probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(done.stdout); sys.stderr.write(done.stderr); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "adqueue", "score", "--model", "m",
+                           str(dump), "--shard-size", "256"], env=env, cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    peak = int(done.stderr.strip().splitlines()[-1])
     job_id = int(done.stdout.split()[0])
     ctx = Context(Settings.load(data_dir=env["ADQUEUE_DATA_DIR"], broker_url=""))
     with ctx.store.session() as session:
@@ -66,8 +70,6 @@ def submit(env: dict[str, str], dump: Path) -> tuple[int, float, float]:
         seconds = (job.submitted_at - job.created_at).total_seconds()
         files = job.n_total
     ctx.close()
-    if peak <= before:
-        print("note: peak RSS of an earlier child was higher; the figure is an upper bound", file=sys.stderr)
     return job_id, files / seconds, peak / 1024
 
 
