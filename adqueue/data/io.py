@@ -17,24 +17,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adqueue.data.formats import HEAD_BYTES, image_format
 from adqueue.errors import ImageError
 
 # A factory image is rarely past 100 MP; anything bigger is more likely a decompression bomb.
 MAX_PIXELS = 120_000_000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-_SIGNATURES = {
-    b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-    b"GIF8": "GIF", b"RIFF": "WebP", b"P1": "PNM", b"P2": "PNM", b"P3": "PNM", b"P4": "PNM", b"P5": "PNM",
-    b"P6": "PNM", b"\x00\x00\x00\x0cjP  ": "JPEG 2000", b"\xffO\xffQ": "JPEG 2000",
-}
-_HEAD = 16  # bytes enough for every signature above
 _KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
 
 
 def _claimed_format(data: bytes) -> str | None:
-    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+    fmt = image_format(data)
+    return None if fmt is None else fmt.name
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise ImageError("not a regular file")
-            head = handle.read(_HEAD)
+            head = handle.read(HEAD_BYTES)
             if not head:
                 raise ImageError("empty file")
             if _claimed_format(head) is None:

@@ -16,20 +16,11 @@ import os
 import stat
 
 from adqueue.artifacts import DataDir
+from adqueue.data.formats import image_format
 from adqueue.data.paths import to_os
 from adqueue.errors import AdqueueError
 
 HEATMAP_FOLDER = "heatmaps"  # where DataDir.heatmap_file writes every heat map
-
-# The formats adqueue scores (adqueue.data.io checks the same first bytes), as browsers name them.
-_MEDIA_TYPES = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
-    (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
-    (b"\x00\x00\x00\x0cjP  ", "image/jp2"), (b"\xffO\xffQ", "image/jp2"),
-    (b"P1", "image/x-portable-anymap"), (b"P2", "image/x-portable-anymap"), (b"P3", "image/x-portable-anymap"),
-    (b"P4", "image/x-portable-anymap"), (b"P5", "image/x-portable-anymap"), (b"P6", "image/x-portable-anymap"),
-)
-
 
 class Refused(AdqueueError):
     """This file may not be served; the message says why (for the log, not the client)."""
@@ -37,9 +28,8 @@ class Refused(AdqueueError):
 
 def media_type(data: bytes) -> str | None:
     """The image type named by the file's first bytes, or None for anything else."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((kind for magic, kind in _MEDIA_TYPES if data.startswith(magic)), None)
+    fmt = image_format(data)
+    return None if fmt is None else fmt.media_type
 
 
 def _read_regular(path: str, max_bytes: int, *, follow_links: bool = True) -> bytes:
