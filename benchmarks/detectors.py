@@ -1,14 +1,16 @@
 """Detection benchmark: every detector trained and evaluated through the real CLI, beside the paper.
 
-    python benchmarks/detectors.py [--detectors mvg,differnet,ebm,encoder_flow]
+    python benchmarks/detectors.py [--detectors mvg,differnet,ebm,encoder_flow,patchcore]
                                    [--datasets mtd,battery_weld] [--set DETECTOR:KEY=VALUE ...]
-                                   [--json out.json] [--tables-from a.json,b.json]
+                                   [--json out.json] [--keep-data DIR] [--tables-from a.json,b.json]
 
 For each dataset and detector: `adqueue train` on the defect-free training images, then
 `adqueue evaluate` on the test split, in-process (no broker) on a throwaway data dir, with the
 detector's default settings unless --set says otherwise. Prints one Markdown table per dataset:
-image AUROC, pixel AUROC, PRO, false-alarm rate and recall at the calibrated threshold, train
-time and scoring time per test image; MTD's table adds the DifferNet paper's Table 2 figures.
+image AUROC, the training self-check's AUROC on synthetic defects (no labels needed: how far it
+predicts the real one is what this table shows), pixel AUROC, PRO, false-alarm rate and recall at
+the calibrated threshold, train time and scoring time per test image; MTD's table adds the
+DifferNet paper's Table 2 figures.
 --tables-from prints the tables of earlier runs' --json files instead (several runs, one table:
 e.g. detectors benchmarked in parallel, one torch thread each).
 """
@@ -16,6 +18,7 @@ e.g. detectors benchmarked in parallel, one torch thread each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +35,7 @@ DATASETS = {
     "mtd": SHARED / "datasets" / "mtd" / "manifest.csv",
     "battery_weld": SHARED / "datasets" / "battery_weld",
 }
-DETECTORS = ("mvg", "differnet", "ebm", "encoder_flow")
+DETECTORS = ("mvg", "differnet", "ebm", "encoder_flow", "patchcore")
 # Rudolph et al., WACV 2021, Table 2: image AUROC (%) on MTD.
 PAPER_MTD = {
     "GeoTrans": 75.5, "GANomaly": 76.6, "DSEBM": 57.2, "ADGAN": 46.4, "OCSVM": 58.7, "1-NN": 80.0,
@@ -53,6 +56,9 @@ class Row:
     score_ms_per_image: float
     n_test: int
     extra: dict[str, float]
+    # From `adqueue train`'s own metrics; absent from --json files of runs before the self-check.
+    synthetic_auroc: float | None = None
+    synthetic: dict[str, float | None] = field(default_factory=dict)  # per defect kind
 
 
 def adqueue(args: list[str], env: dict[str, str]) -> dict:
@@ -70,7 +76,7 @@ def run_one(dataset: str, source: Path, detector: str, settings: list[str], data
     name = f"{detector}-{dataset}"
     pairs = [arg for setting in settings for arg in ("--set", setting)]
     started = time.perf_counter()
-    adqueue(["train", "--detector", detector, "--data", str(source), "--name", name, *pairs], env)
+    trained = adqueue(["train", "--detector", detector, "--data", str(source), "--name", name, *pairs], env)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     metrics = adqueue(["evaluate", "--model", name, "--data", str(source)], env)
@@ -80,7 +86,8 @@ def run_one(dataset: str, source: Path, detector: str, settings: list[str], data
         dataset, detector, metrics.get("image_auroc"), metrics.get("pixel_auroc"), metrics.get("pro"),
         metrics.get("false_alarm_rate"), metrics.get("recall"), round(train_s, 1),
         round(1000 * score_s / max(n_test, 1), 1), n_test,
-        {k: v for k, v in metrics.items() if k.startswith("image_auroc.")},
+        {k: v for k, v in metrics.items() if k.startswith("image_auroc.")}, trained.get("synthetic_auroc"),
+        {k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith("synthetic_auroc.")},
     )
 
 
@@ -92,20 +99,22 @@ def table(rows: list[Row], dataset: str) -> str:
     lines = [
         f"### {dataset}",
         "",
-        "| detector | image AUROC % | pixel AUROC % | PRO % | false alarms % | recall % | train | score / image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| detector | image AUROC % | synthetic AUROC % | pixel AUROC % | PRO % | false alarms % | recall % | train "
+        "| score / image |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| `{row.detector}` | {percent(row.image_auroc)} | {percent(row.pixel_auroc)} | {percent(row.pro)} "
+            f"| `{row.detector}` | {percent(row.image_auroc)} | {percent(row.synthetic_auroc)} "
+            f"| {percent(row.pixel_auroc)} | {percent(row.pro)} "
             f"| {percent(row.false_alarm_rate)} | {percent(row.recall)} | {row.train_s:.0f} s "
             f"| {row.score_ms_per_image:.0f} ms |"
         )
         for name, value in sorted(row.extra.items()):
-            lines.append(f"| ↳ score `{name.split('.', 1)[1]}` | {percent(value)} | | | | | | |")
+            lines.append(f"| ↳ score `{name.split('.', 1)[1]}` | {percent(value)} | | | | | | | |")
     if dataset == "mtd":
-        lines.append("| *paper (Rudolph et al. 2021, Table 2)* | | | | | | | |")
-        lines += [f"| {method} | {value:.1f} | | | | | | |" for method, value in PAPER_MTD.items()]
+        lines.append("| *paper (Rudolph et al. 2021, Table 2)* | | | | | | | | |")
+        lines += [f"| {method} | {value:.1f} | | | | | | | |" for method, value in PAPER_MTD.items()]
     return "\n".join(lines)
 
 
@@ -124,6 +133,8 @@ def main() -> None:
                         help="an extra labeled dataset (MVTec root or manifest CSV)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--keep-data", type=Path, metavar="DIR",
+                        help="keep each run's data dir (models, results) under DIR instead of a temp dir")
     parser.add_argument("--tables-from", help="comma-separated --json files of earlier runs: print their tables")
     args = parser.parse_args()
     if args.tables_from:
@@ -140,7 +151,8 @@ def main() -> None:
         detector, _, setting = entry.partition(":")
         per_detector[detector].append(setting)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="adqueue-bench-") as tmp:
+    kept = contextlib.nullcontext(str(args.keep_data)) if args.keep_data else None
+    with kept or tempfile.TemporaryDirectory(prefix="adqueue-bench-") as tmp:
         for dataset, source in sources.items():
             for detector in args.detectors.split(","):
                 print(f"{dataset} / {detector} ...", file=sys.stderr, flush=True)

@@ -58,13 +58,22 @@ def results(ctx: click.Context, job_id: int, anomalous: bool, top: int | None, f
 @format_option
 @click.pass_context
 def models(ctx: click.Context, fmt: str) -> None:
-    """Trained models and versions, with their threshold, latest image AUROC and training warnings."""
+    """Trained models and versions, with their threshold, latest image AUROC (evaluate), the AUROC of
+    training's self-check on synthetic defects, memory-bank size (patchcore) and training warnings."""
     context = _context(ctx)
     with context.store.session() as session:
         rows = queries.list_models(session)
     if fmt != "json":  # one cell per model in a table or CSV; JSON keeps the list
         rows = [{**row, "warnings": "; ".join(row["warnings"])} for row in rows]
-    emit_rows(rows, ["model", "detector", "backbone", "threshold", "image_auroc", "created_at", "warnings"], fmt)
+    columns = ["model", "detector", "backbone", "threshold", "image_auroc", "synthetic_auroc", "created_at",
+               "warnings"]
+    if fmt != "table":
+        columns[-1:-1] = ["bank_size", "bank_mb"]
+    elif any(row["bank_size"] is not None for row in rows):  # a column only where a model has a memory bank
+        rows = [{**row, "bank": None if row["bank_size"] is None else f"{row['bank_size']} rows, {row['bank_mb']} MB"}
+                for row in rows]
+        columns[-1:-1] = ["bank"]
+    emit_rows(rows, columns, fmt)
 
 
 @cli.command(epilog="""\b
@@ -128,12 +137,15 @@ def detectors(name: str | None, fmt: str) -> None:
             spec = registry.config_spec(detector)
         except ValueError as exc:
             raise AdqueueError(str(exc)) from None
+        defaults = spec.config_class()  # levels left empty are filled in per backbone here
         for item in dataclasses.fields(spec.config_class):
             if item.name in TRAIN_KEYS:
                 continue  # set through the training key of the same name
-            default = item.default if item.default is not dataclasses.MISSING else None
+            default = getattr(defaults, item.name)
             if isinstance(default, tuple):
                 default = ",".join(str(v) for v in default)
+                if item.default == ():
+                    default = f"{default} (per backbone)" if default else "per backbone"
             rows.append({"detector": detector, "setting": item.name, "default": default, "about": spec.summary})
     rows += [{"detector": "(training)", "setting": key, "default": value, "about": "any detector"}
              for key, value in TRAIN_KEYS.items()]

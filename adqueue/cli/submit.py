@@ -105,7 +105,8 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
         info(f"job {submitted.job_id} queued ({submitted.kind}); following it, Ctrl-C stops following only")
         summary = wait_for_job(context, submitted.job_id)
     metrics: dict[str, Any] = {}
-    if summary["kind"] == "evaluate" and summary["status"] in ("done", "failed"):
+    # An evaluate job's metrics; a train job's are its self-check on synthetic defects (synthetic_auroc).
+    if summary["kind"] in ("evaluate", "train") and summary["status"] in ("done", "failed"):
         with context.store.session() as session:
             metrics = job_metrics(session, submitted.job_id)
     if fmt == "json":
@@ -148,7 +149,7 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
               "a manifest CSV (rows of --split, default train).")
 @click.option("--name", required=True, help="Model name; each training adds a version (NAME:1, NAME:2, ...).")
 @click.option("--backbone", default=None, help="Pretrained backbone (default per detector, e.g. "
-              "efficientnet_lite0).")
+              "efficientnet_lite0); feature levels follow it unless --set levels=... names them.")
 @click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="Detector or training setting, "
               "repeatable: fpr=0.01 (target false-alarm rate), calib_fraction=0.2, seed=0, levels=3,4,5 ... "
               "`adqueue detectors` lists every setting and its default.")

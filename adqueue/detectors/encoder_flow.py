@@ -206,8 +206,9 @@ class EncoderFlowDetector(Detector):
             maps = None
             if with_maps and cfg.map == "gradient":
                 _, grad = input_gradient(self._nll, batch)
-                # log1p ranks pixels as the raw norm does (pixel AUROC and PRO are unchanged) but
-                # keeps far outliers, whose NLL gradients reach 1e5, in float16 range for storage.
+                # log1p ranks pixels as the raw norm does (pixel AUROC and PRO are unchanged) and
+                # lets the heat map's linear colour scale show far outliers (gradients reach 1e5)
+                # without flattening every other pixel to blue.
                 maps = torch.log1p(gaussian_blur(channel_norm(grad), cfg.map_sigma))
             elif with_maps:
                 maps = gaussian_blur(error, cfg.map_sigma)

@@ -21,6 +21,7 @@ _DETECTORS: dict[str, str] = {
     "ebm": "adqueue.detectors.ebm:EBMDetector",
     "differnet": "adqueue.detectors.differnet:DifferNetDetector",
     "encoder_flow": "adqueue.detectors.encoder_flow:EncoderFlowDetector",
+    "patchcore": "adqueue.detectors.patchcore:PatchCoreDetector",
 }
 # Each detector's torch-free settings module: its Config dataclass and `validate(config)`.
 _CONFIGS: dict[str, str] = {
@@ -28,6 +29,7 @@ _CONFIGS: dict[str, str] = {
     "ebm": "adqueue.detectors.configs.ebm:EBMConfig",
     "differnet": "adqueue.detectors.configs.differnet:DifferNetConfig",
     "encoder_flow": "adqueue.detectors.configs.encoder_flow:EncoderFlowConfig",
+    "patchcore": "adqueue.detectors.configs.patchcore:PatchCoreConfig",
 }
 
 

@@ -169,7 +169,7 @@ def _give_up(ctx: Context, claimed: ClaimedShard, error: str) -> None:
 class ScoredItems:
     rows: list[dict[str, Any]] = field(default_factory=list)
     n_ok: int = 0
-    maps: dict[str, np.ndarray] | None = None  # path -> float16 [H, W], evaluate jobs only
+    maps: dict[str, np.ndarray] | None = None  # path -> float32 [H, W], evaluate jobs only
 
 
 def score_items(
@@ -207,7 +207,7 @@ def score_items(
                     output.n_ok += 1
                     amap = scores.maps[index].numpy() if scores.maps is not None else None
                     if output.maps is not None and amap is not None:
-                        output.maps[entry.item.path] = _as_float16(amap)
+                        output.maps[entry.item.path] = kept_map(amap)
                     if amap is not None and _wants_heatmap(heatmaps, row["is_anomaly"]):
                         key = hashlib.sha256(entry.item.path.encode()).hexdigest()[:24]
                         target = ctx.data_dir.heatmap_file(job_id, key)
@@ -267,10 +267,14 @@ def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> 
     return row
 
 
-def _as_float16(amap: np.ndarray) -> np.ndarray:
-    """Half the disk of float32; values past float16's range are clipped, not made infinite."""
-    limit = float(np.finfo(np.float16).max)
-    return np.clip(np.nan_to_num(amap, nan=0.0), -limit, limit).astype(np.float16)
+def kept_map(amap: np.ndarray) -> np.ndarray:
+    """The map as pixel metrics will rank it: float32, as the detectors compute it, so no two pixels
+    tie that the detector told apart. float16 halved the disk but clipped everything past 65,504 to
+    one value (differnet's NLL gradients reach 1e6: PRO fell to 0), and a log before float16 still
+    merges neighbours at its 3 significant digits. NaN becomes the map's lowest value."""
+    amap = np.asarray(amap, dtype=np.float32)
+    return np.nan_to_num(amap, nan=float(np.nanmin(amap)) if np.isfinite(amap).any() else 0.0,
+                         posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
 
 
 def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
@@ -288,8 +292,14 @@ def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], 
 def _save_eval_maps(ctx: Context, claimed: ClaimedShard, output: ScoredItems) -> None:
     """Named by run: a copy that lost its lease cannot overwrite the maps of the run that closed it."""
     assert output.maps is not None
-    paths = list(output.maps)
-    maps = np.stack([output.maps[p] for p in paths]) if paths else np.zeros((0, 1, 1), dtype=np.float16)
+    atomic_write_bytes(ctx.data_dir.eval_maps_file(claimed.job_id, claimed.seq, claimed.run_id),
+                       eval_maps_bytes(output.maps))
+
+
+def eval_maps_bytes(maps_by_path: dict[str, np.ndarray]) -> bytes:
+    """One shard's anomaly maps as an .npz that evaluation.py reads back (paths, maps, shape)."""
+    paths = list(maps_by_path)
+    maps = np.stack([maps_by_path[p] for p in paths]) if paths else np.zeros((0, 1, 1), dtype=np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, paths=np.array(paths), maps=maps, shape=np.array(maps.shape))
-    atomic_write_bytes(ctx.data_dir.eval_maps_file(claimed.job_id, claimed.seq, claimed.run_id), buffer.getvalue())
+    return buffer.getvalue()

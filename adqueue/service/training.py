@@ -7,7 +7,9 @@ maps. Both are saved in the model file and the `models` row.
 Guards, so that nobody gets a silently useless model: settings are checked at submission; fitting
 needs the detector's `min_fit_images` readable images (`--set min_images=N` overrides it); a model
 whose calibration scores or threshold are not finite and sane is not registered; and a threshold
-set on few or in-sample images registers with warnings (logged, and kept in params["warnings"]).
+set on few or in-sample images registers with warnings (logged, and kept in params["warnings"]), as
+does one that the self-check (service/self_check.py: synthetic defects painted into the calibration
+images) finds blind; the self-check's AUROCs are stored as metrics of the model.
 
 The training runs under a lease renewed with its progress. A worker lost mid-training (killed,
 out of memory) stops renewing; the reconciler then queues the job again, up to `max_attempts`
@@ -42,6 +44,7 @@ from adqueue.progress import Progress
 from adqueue.service.context import Context
 from adqueue.service.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
 from adqueue.service.models import file_sha256, next_version, save_detector
+from adqueue.service.self_check import metric_rows, run_self_check
 from adqueue.service.train_settings import split_train_settings
 from adqueue.store.models import Job, JobStatus, Model
 from adqueue.store.writes import ClaimedJob, claim_train, end_job_run, renew_job_lease
@@ -82,6 +85,7 @@ class Calibration:
     n_images: int
     in_sample: bool
     scores: list[float] = field(default_factory=list)
+    raw_scores: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)  # unrounded, for the self-check
 
 
 def with_seed(detector: str, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -150,10 +154,12 @@ def _train(
     detector.train()
     report = detector.fit(TensorImages(fit_pixels), progress=progress)
     detector.eval()
-    calibration = _calibrate(detector, calib_pixels if len(calib_pixels) else fit_pixels,
-                             train_settings["fpr"], progress, in_sample=not len(calib_pixels))
+    calib_on = calib_pixels if len(calib_pixels) else fit_pixels
+    calibration = _calibrate(detector, calib_on, train_settings["fpr"], progress, in_sample=not len(calib_pixels))
     fit_seconds = time.perf_counter() - started
-    warnings = calibration_warnings(calibration, train_settings["calib_fraction"])
+    check = run_self_check(detector, calib_on, calibration.raw_scores, progress, seed=train_settings["seed"],
+                           in_sample=calibration.in_sample)
+    warnings = calibration_warnings(calibration, train_settings["calib_fraction"]) + check.warnings()
     for warning in warnings:
         log.warning("train job %s: %s", held.job_id, warning)
     extra = {
@@ -165,6 +171,7 @@ def _train(
         # The scores themselves: what a night's normal scores are compared with (drift, histograms).
         "calibration": {"n_images": calibration.n_images, "in_sample": calibration.in_sample,
                         "scores": calibration.scores[:MAX_STORED_CALIBRATION_SCORES]},
+        "self_check": check.as_params(),
         "warnings": warnings,
     }
     counts = {"n_total": n_images + failed + calib_failed, "n_done": n_images}  # trained and calibrated on
@@ -253,7 +260,8 @@ def _calibrate(detector: Detector, pixels: Tensor, fpr: float, progress: Progres
         map_range = (0.0, 1.0)
     threshold = detector.calibrate_threshold(all_scores, fpr)
     check_threshold(threshold, all_scores, extrapolates=own_threshold_rule(detector))
-    return Calibration(threshold, map_range, len(all_scores), in_sample, [round(float(v), 6) for v in all_scores])
+    return Calibration(threshold, map_range, len(all_scores), in_sample, [round(float(v), 6) for v in all_scores],
+                       all_scores)
 
 
 def check_scores_finite(scores: np.ndarray) -> None:
@@ -303,12 +311,13 @@ def _register(
                 backbone=getattr(detector.config, "backbone", None),
                 params={"config": detector.config_dict(), "train": train_settings, "fit": extra["fit"],
                         "map_range": extra["map_range"], "calibration": extra["calibration"],
-                        "warnings": extra["warnings"]},
+                        "self_check": extra["self_check"], "warnings": extra["warnings"]},
                 artifact_path=artifact, threshold=extra["threshold"], train_job_id=held.job_id,
                 artifact_sha256=file_sha256(ctx.data_dir.resolve(artifact)),
             )
             session.add(model)
             session.flush()
+            session.add_all(metric_rows(model.id, held.job_id, extra["self_check"]))
             if not end_job_run(session, held, status=JobStatus.DONE, model_id=model.id, phase="done", **counts):
                 raise LeaseLost(f"train job {held.job_id} lost its lease before registering")
             return model.id

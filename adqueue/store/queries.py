@@ -87,23 +87,33 @@ def job_results(
     ]
 
 
-def list_models(session: Session) -> list[dict[str, Any]]:
-    latest_auroc = (
+def _latest_metric(name: str) -> Any:
+    """The model's latest metric `name`, as a scalar subquery of a query on models."""
+    return (
         select(Metric.value)
-        .where(Metric.model_id == Model.id, Metric.name == "image_auroc")
+        .where(Metric.model_id == Model.id, Metric.name == name)
         .order_by(Metric.id.desc())
         .limit(1)
         .scalar_subquery()
     )
-    rows = session.execute(select(Model, latest_auroc).order_by(Model.name, Model.version)).all()
+
+
+def list_models(session: Session) -> list[dict[str, Any]]:
+    """Every model version with its latest image AUROC (evaluate) and its training self-check's
+    AUROC on synthetic defects."""
+    rows = session.execute(select(Model, _latest_metric("image_auroc"), _latest_metric("synthetic_auroc"))
+                           .order_by(Model.name, Model.version)).all()
     return [
         {
             "model": f"{m.name}:{m.version}", "name": m.name, "version": m.version, "detector": m.detector,
-            "backbone": m.backbone, "threshold": m.threshold, "image_auroc": auroc,
+            "backbone": m.backbone, "threshold": m.threshold, "image_auroc": auroc, "synthetic_auroc": synthetic,
             "created_at": m.created_at, "artifact_path": m.artifact_path,
             "warnings": list((m.params or {}).get("warnings") or []),
+            # A memory-bank detector's (patchcore's) bank: what its model file and scoring cost grow with.
+            "bank_size": ((m.params or {}).get("fit") or {}).get("bank_size"),
+            "bank_mb": ((m.params or {}).get("fit") or {}).get("bank_mb"),
         }
-        for m, auroc in rows
+        for m, auroc, synthetic in rows
     ]
 
 

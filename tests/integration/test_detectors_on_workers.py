@@ -1,4 +1,4 @@
-"""differnet, ebm and encoder_flow through Redis and two real worker processes, exactly like mvg.
+"""differnet, ebm, encoder_flow and patchcore through Redis and two real worker processes, exactly like mvg.
 
 Tiny settings keep each training to seconds; the detectors' quality has its own tests. This checks
 that training runs on a worker, that every score a detector offers reaches SQL, and that the queue
@@ -27,11 +27,13 @@ TINY = {
             "--set", "negatives=4", "--set", "sgld_steps=5"],
     "encoder_flow": ["--set", "image_size=32", "--set", "ae_epochs=2", "--set", "flow_epochs=2",
                      "--set", "flow_blocks=2", "--set", "flow_hidden=32"],
+    "patchcore": ["--backbone", "efficientnet_lite0", "--set", "image_size=64", "--set", "level_dim=16"],
 }
 EXTRA_SCORES = {
     "differnet": {"nll", "z2"},
     "ebm": {"energy", "a_raw_l1", "a_raw_l2", "a_std_l1", "a_std_l2"},
     "encoder_flow": {"reconstruction_l1"},
+    "patchcore": set(),
 }
 
 

@@ -115,7 +115,9 @@ def test_every_verb_has_help() -> None:
 def test_detectors_lists_settings_with_defaults(data_dir: Path) -> None:
     rows = json.loads(invoke(data_dir, "detectors", "--format", "json").stdout)
     mvg = {r["setting"]: r["default"] for r in rows if r["detector"] == "mvg"}
-    assert mvg["backbone"] == "efficientnet_lite2" and mvg["levels"] == "3,4,5,6,7"
+    assert mvg["backbone"] == "efficientnet_lite2" and mvg["levels"] == "3,4,5,6,7 (per backbone)"
+    differnet = {r["setting"]: r["default"] for r in rows if r["detector"] == "differnet"}
+    assert differnet["levels"] == "per backbone" and differnet["rotation"] is True
     assert {r["setting"] for r in rows if r["detector"] == "(training)"} == {
         "fpr", "calib_fraction", "seed", "max_images", "min_images"}
     assert "seed" not in mvg  # one seed for everything, set as a training key

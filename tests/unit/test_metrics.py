@@ -92,3 +92,38 @@ def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # ty
     assert evaluation._stride(files) == 1
     monkeypatch.setattr(evaluation, "PIXEL_BUDGET", 10_000)
     assert evaluation._stride(files) == 2  # 40,000 pixels -> every 2nd row and column
+
+
+def test_stored_maps_keep_the_order_of_values_past_float16s_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """differnet's NLL gradients reach 1e5-1e6: stored maps must still rank the defect above the rest."""
+    from adqueue.progress import NullProgress
+    from adqueue.service.evaluation import _pixel_metrics
+    from adqueue.service.scoring import eval_maps_bytes, kept_map
+
+    side = 16
+    mask = np.zeros((side, side), dtype=bool)
+    mask[4:8, 4:8] = True
+    defective = np.full((side, side), 7.0e4, dtype=np.float32)  # background already past 65,504
+    defective[mask] = np.linspace(2.0e5, 9.0e5, mask.sum(), dtype=np.float32)
+    normal = np.linspace(6.6e4, 1.9e5, side * side, dtype=np.float32).reshape(side, side)
+    normal[0, 0] = np.nan
+    stored = {"good.png": kept_map(normal), "bad.png": kept_map(defective)}
+    assert all(np.isfinite(amap).all() for amap in stored.values())
+    # every distinct value stays distinct, in the same order
+    for raw, kept in ((defective, stored["bad.png"]), (normal, stored["good.png"])):
+        finite = np.isfinite(raw)
+        assert len(np.unique(kept[finite])) == len(np.unique(raw[finite]))
+        assert (np.argsort(kept[finite], kind="stable") == np.argsort(raw[finite], kind="stable")).all()
+    (tmp_path / "shard000000.npz").write_bytes(eval_maps_bytes(stored))
+    mask_file = tmp_path / "bad_mask.png"
+    from PIL import Image
+
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_file)
+    metrics = _pixel_metrics([tmp_path / "shard000000.npz"], {"good.png": 0, "bad.png": 1},
+                             {"good.png": None, "bad.png": str(mask_file)}, NullProgress())
+    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(
+        np.stack([np.nan_to_num(normal, nan=6.6e4), defective]), np.stack([np.zeros_like(mask), mask])))
+    assert metrics["pixel_auroc"] > 0.99 and metrics["pro"] > 0.99
+    # what float16 storage did: every pixel clipped to one value, the defect no longer ranked
+    clipped = np.clip(defective, -65504, 65504).astype(np.float16)
+    assert len(np.unique(clipped)) == 1

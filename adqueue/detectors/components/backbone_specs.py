@@ -25,6 +25,32 @@ LAST_FEATURE_LEVEL = {
 }
 
 
+_EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b4")
+_RESNETS = ("resnet18", "wide_resnet50_2")
+
+# The levels each kind of detector uses unless `--set levels=...` says otherwise, per backbone, so
+# that every listed backbone works with a detector's defaults:
+# - "generic": the middle-to-last stages, whose pooled features describe an image without being
+#   ImageNet-specific (mvg's image Gaussians; EfficientNet levels 3-7 as in its paper);
+# - "local": the earlier of those, fine enough to localize (mvg's map Gaussians);
+# - "middle": two mid-level feature maps at strides 8 and 16 (PatchCore's layer2 + layer3).
+_DEFAULT_LEVELS: dict[str, dict[str, tuple[int, ...]]] = {
+    "generic": {**dict.fromkeys(_EFFICIENTNETS, (3, 4, 5, 6, 7)), **dict.fromkeys(_RESNETS, (1, 2, 3, 4)),
+                "alexnet": (1, 2, 3, 4)},
+    "local": {**dict.fromkeys(_EFFICIENTNETS, (3, 4, 5)), **dict.fromkeys(_RESNETS, (1, 2, 3)),
+              "alexnet": (1, 2, 3)},
+    "middle": {**dict.fromkeys(_EFFICIENTNETS, (3, 5)), **dict.fromkeys(_RESNETS, (2, 3)),
+               "alexnet": (2, 3)},
+}
+LEVEL_ROLES = tuple(_DEFAULT_LEVELS)
+
+
+def default_levels(backbone: str, role: str) -> tuple[int, ...]:
+    """The levels a detector uses on `backbone` for `role` (see above); () for an unknown backbone,
+    which `check_levels` then reports."""
+    return _DEFAULT_LEVELS[role].get(backbone, ())
+
+
 def backbone_names() -> list[str]:
     return sorted(LEVEL_COUNTS)
 

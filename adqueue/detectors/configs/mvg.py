@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adqueue.detectors.components.backbone_specs import check_levels
+from adqueue.detectors.components.backbone_specs import check_levels, default_levels
 
 
 @dataclass
@@ -18,11 +18,13 @@ class MVGConfig:
     # 0.96 image AUROC on MTD with the same levels).
     backbone: str = "efficientnet_lite2"
     image_size: int = 260
-    # EfficientNet levels: 0 stem, 1-7 MBConv stages, 8 head. The paper uses the middle of the
-    # network, levels 3-7, where features are generic rather than ImageNet-specific.
-    levels: tuple[int, ...] = (3, 4, 5, 6, 7)
-    # Localization: location Gaussians on these levels (levels 3-5 localize best on MTD).
-    map_levels: tuple[int, ...] = (3, 4, 5)
+    # Empty = the backbone's default (backbone_specs.default_levels), filled in at construction so
+    # a saved model names its levels. EfficientNet levels: 0 stem, 1-7 MBConv stages, 8 head; the
+    # paper uses the middle of the network, levels 3-7, where features are generic rather than
+    # ImageNet-specific ("generic"); ResNets: layers 1-4.
+    levels: tuple[int, ...] = ()
+    # Localization: location Gaussians on these levels ("local": EfficientNet 3-5 localize best on MTD).
+    map_levels: tuple[int, ...] = ()
     # OPCA: share of the variance carried by the kept least-variance components (paper: 0.05;
     # 0.01-0.03 is the plateau on MTD). None ("all") keeps every component, the paper's advice
     # for shallow networks such as resnet18.
@@ -32,6 +34,10 @@ class MVGConfig:
     map_sigma: float = 4.0  # Gaussian blur of the anomaly map, in input pixels
     batch_size: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels) or default_levels(self.backbone, "generic")
+        self.map_levels = tuple(self.map_levels) or default_levels(self.backbone, "local")
 
 
 def validate(config: MVGConfig) -> None:

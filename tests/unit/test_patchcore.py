@@ -1,0 +1,160 @@
+"""The patchcore detector and its parts, against brute-force computations (small data, CPU)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adqueue.config import Settings
+from adqueue.data.io import read_mask
+from adqueue.data.loader import load_stream, stack_pixels, to_float
+from adqueue.data.sources import open_source
+from adqueue.detectors import registry
+from adqueue.detectors.base import Preprocess
+from adqueue.detectors.components.backbone_specs import default_levels
+from adqueue.detectors.components.coreset import coreset_size, greedy_coreset, random_projection
+from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
+from adqueue.detectors.patchcore import PatchCoreDetector, reweighted_scores
+from adqueue.metrics import image_auroc, pixel_auroc
+from adqueue.service.context import Context
+from adqueue.service.models import load_detector, save_detector
+from adqueue.service.training import TensorImages
+from adqueue.store.models import Model
+
+SIZE = 128
+FAST = {"backbone": "efficientnet_lite0", "image_size": str(SIZE), "level_dim": "32", "coreset_fraction": "0.05"}
+
+
+def _brute_force_coreset(points: torch.Tensor, count: int, first: int) -> list[int]:
+    """Farthest-point selection the slow way: every step measures every row against every pick."""
+    chosen = [first]
+    for _ in range(count - 1):
+        chosen.append(int(torch.cdist(points, points[chosen]).min(dim=1).values.argmax()))
+    return chosen
+
+
+def _clustered(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows in a few clusters of different spreads, like patch features (the pruning's real case)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, dim, generator=generator, dtype=torch.float64) * 4
+    which = torch.randint(6, (rows,), generator=generator)
+    spread = torch.rand(6, 1, generator=generator, dtype=torch.float64)[which] + 0.1
+    return centres[which] + spread * torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("rows", "dim", "count"), [(300, 3, 60), (800, 24, 120)])
+def test_greedy_coreset_is_farthest_point_selection(rows: int, dim: int, count: int) -> None:
+    points = _clustered(rows, dim, seed=rows)
+    got = greedy_coreset(points, count, projection_dim=None, seed=5).tolist()
+    assert len(set(got)) == count
+    assert got == _brute_force_coreset(points, count, got[0])
+
+
+def test_greedy_coreset_selects_in_the_random_projection() -> None:
+    points = _clustered(600, 40, seed=1)
+    got = greedy_coreset(points, 50, projection_dim=8, seed=2).tolist()
+    assert got == _brute_force_coreset(random_projection(points, 8, seed=2), 50, got[0])
+    assert got != greedy_coreset(points, 50, projection_dim=8, seed=3).tolist()  # the seed matters
+
+
+def test_coreset_size_keeps_at_least_one_and_at_most_all() -> None:
+    assert (coreset_size(1000, 0.1), coreset_size(3, 0.01), coreset_size(7, 1.0)) == (100, 1, 7)
+    assert (coreset_size(1000, 0.1, limit=30), coreset_size(1000, 0.1, limit=500)) == (30, 100)
+    with pytest.raises(ValueError, match="cannot be taken"):
+        greedy_coreset(torch.zeros(3, 2), 4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbours_equal_cdist_across_chunks(k: int) -> None:
+    generator = torch.Generator().manual_seed(k)
+    queries, bank = torch.randn(97, 16, generator=generator), torch.randn(41, 16, generator=generator)
+    expected = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
+    # 41 * 3 entries per block: 32 chunks of 3 queries and one of 1.
+    distances, indices = nearest_neighbours(queries, bank, k, max_block=41 * 3)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(distances, expected.values, rtol=1e-5, atol=1e-5)
+    whole, _ = nearest_neighbours(queries, bank, k)
+    torch.testing.assert_close(distances, whole)
+
+
+def test_reweighting_by_hand() -> None:
+    """Eq. 7 on a line: bank 0, 1, 3, 10; a patch at 4 is nearest to 3, whose 3 neighbours are 3, 1, 0."""
+    bank = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    patch = torch.tensor([[4.0]])
+    distances = torch.tensor([1.0, 3.0, 4.0])  # patch to 3, 1 and 0
+    expected = (1 - torch.exp(distances[0]) / torch.exp(distances).sum()) * 1.0
+    got = reweighted_scores(patch, torch.tensor([2]), bank, neighbours=3)
+    torch.testing.assert_close(got, expected[None])
+    assert torch.equal(reweighted_scores(patch, torch.tensor([2]), bank, neighbours=1), torch.tensor([1.0]))
+    # An isolated nearest entry (10, far from the others) weighs the same distance more heavily.
+    lone = reweighted_scores(torch.tensor([[11.0]]), torch.tensor([3]), bank, neighbours=3)
+    assert lone > got
+
+
+def _load(root: Path, split: str) -> tuple[torch.Tensor, list]:
+    items = list(open_source(root, split=split).items())
+    return stack_pixels(list(load_stream(items, Preprocess(SIZE, 3)))), items
+
+
+@pytest.fixture(scope="module")
+def fitted(textures) -> tuple[PatchCoreDetector, Path]:  # type: ignore[no-untyped-def]
+    root, _ = textures
+    detector = registry.create("patchcore", FAST)
+    pixels, _ = _load(root, "train")
+    report = detector.fit(TensorImages(pixels))
+    grid = (SIZE // 8) ** 2  # level 3: stride 8
+    assert report.info["patches"] == len(pixels) * grid
+    assert report.info["bank_size"] == coreset_size(len(pixels) * grid, 0.05) == detector.memory_bank.shape[0]
+    assert detector.memory_bank.shape[1] == 2 * 32
+    return detector, root  # type: ignore[return-value]
+
+
+def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
+    detector, root = fitted
+    pixels, items = _load(root, "test")
+    scores = detector.score(to_float(pixels))
+    labels = [item.label for item in items]
+    assert scores.image.shape == (len(items),) and scores.maps.shape == (len(items), SIZE, SIZE)
+    assert image_auroc(labels, scores.image.numpy()) > 0.9
+    masks = np.stack([read_mask(i.mask, (SIZE, SIZE)) if i.mask else np.zeros((SIZE, SIZE), bool) for i in items])
+    assert pixel_auroc(scores.maps.numpy(), masks) > 0.85
+
+
+def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    detector, root = fitted
+    ctx = Context(Settings.load(data_dir=tmp_path, broker_url=""))
+    artifact = save_detector(ctx, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
+    loaded = load_detector(ctx, Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)).detector
+    assert torch.equal(loaded.memory_bank, detector.memory_bank)
+    assert loaded.config.levels == detector.config.levels
+    pixels, _ = _load(root, "test")
+    a, b = detector.score(to_float(pixels[:6])), loaded.score(to_float(pixels[:6]))
+    assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
+
+
+def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Two fits with one seed keep the same rows in the same order (other seeds: see the coreset tests)."""
+    detector, root = fitted
+    pixels, _ = _load(root, "train")
+    again = registry.create("patchcore", FAST)
+    again.fit(TensorImages(pixels))
+    assert torch.equal(again.memory_bank, detector.memory_bank)
+
+
+def test_levels_default_to_the_backbones_middle_pair() -> None:
+    config = registry.config_spec("patchcore").build({"backbone": "efficientnet_lite0"})
+    assert config.levels == default_levels("efficientnet_lite0", "middle") and len(config.levels) == 2
+    assert registry.config_spec("patchcore").build({"backbone": "resnet18"}).levels == (2, 3)
+    assert registry.config_spec("patchcore").build({"levels": "2,4"}).levels == (2, 4)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        registry.config_spec("patchcore").build({"backbone": "vgg"})
+    with pytest.raises(ValueError, match="coreset_fraction"):
+        registry.config_spec("patchcore").build({"coreset_fraction": "0"})
+    with pytest.raises(ValueError, match="odd"):
+        registry.config_spec("patchcore").build({"neighbourhood": "2"})
+
+
+def test_unfitted_detector_says_so() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        registry.create("patchcore", FAST).score(torch.zeros(1, 3, SIZE, SIZE))
