@@ -560,14 +560,17 @@ def reopen_job(session: Session, job_id: int, *, queue: str | None, now: datetim
         end_run(session, job.run_id, RunOutcome.EXPIRED, "reopened by resume", now)
         session.execute(update(Job).where(Job.id == job_id).values(
             status=JobStatus.QUEUED, attempts=0, run_id=None, lease_expires_at=None, error=None, finished_at=None,
-            enqueued_at=None, queue=queue))
+            enqueued_at=None, queue=queue, heartbeat_at=now))
         return True
     if job.submitted_at is None:
         return False
     _reopen_shards(session, job_id, now)
     session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED)
                     .values(enqueued_at=None))
-    session.execute(update(Job).where(Job.id == job_id).values(queue=queue, error=None, finished_at=None))
+    # Resuming is activity: without a fresh heartbeat a reconciler would take a job reopened for
+    # this process (no lease yet, nothing running) for one whose process died long ago, and stop it.
+    session.execute(update(Job).where(Job.id == job_id).values(queue=queue, error=None, finished_at=None,
+                                                               heartbeat_at=now))
     if live:  # a finishing run is alive; it will end the job
         return True
     end_run(session, job.run_id, RunOutcome.EXPIRED, "reopened by resume", now)

@@ -80,6 +80,28 @@ def test_an_embedded_job_whose_process_died_is_marked_for_resume(ctx: Context) -
         assert session.get_one(Shard, a).status == "queued"  # waits for resume
 
 
+def test_an_embedded_job_resumed_long_after_it_stopped_is_not_stopped_again(ctx: Context) -> None:
+    """`resume` reopens the job, then its process starts (imports, model) before claiming a shard:
+    a reconciler passing in between must not take the reopened job for the long-dead one."""
+    from adqueue.store.writes import reopen_job
+
+    job_id, (a, _) = job_with_shards(ctx.store)
+    with ctx.store.session() as session:
+        session.execute(Job.__table__.update().where(Job.id == job_id).values(queue=None, heartbeat_at=utcnow()))
+    claim(ctx.store, a, "inline-1")
+    hours_later = utcnow() + timedelta(hours=8)
+    assert reconcile(ctx, {}, worker="r", now=hours_later).embedded_stopped == 1  # the process died
+    with ctx.store.session() as session:
+        assert reopen_job(session, job_id, queue=None, now=hours_later)  # the morning's `resume`
+        session.commit()
+    # a worker's reconciler passes before the resuming process has claimed anything
+    assert reconcile(ctx, {}, worker="r", now=hours_later + timedelta(seconds=1)).embedded_stopped == 0
+    with ctx.store.session() as session:
+        assert session.get_one(Job, job_id).status in (JobStatus.QUEUED, JobStatus.RUNNING)
+    # and one that never gets going is still stopped, a lease later
+    assert reconcile(ctx, {}, worker="r", now=hours_later + _later(1)).embedded_stopped == 1
+
+
 def test_work_with_a_live_lease_is_left_alone(ctx: Context) -> None:
     job_id, shard_ids = job_with_shards(ctx.store)
     for shard_id in shard_ids:
