@@ -3,13 +3,15 @@
 Paper: K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox, P. Gehler, "Towards Total Recall in
 Industrial Anomaly Detection", CVPR 2022.
 
-Features: two middle levels of a frozen ImageNet backbone, each averaged over a p x p neighbourhood
-(stride 1) so a patch sees its surroundings, the deeper one upsampled to the shallower one's grid,
-each average-pooled over channels to a fixed width, concatenated. Fit: every training patch goes
-into a bank that greedy coreset selection thins to a fraction. Score: each test patch's distance
-to its nearest bank entry is the anomaly map (upsampled, Gaussian-blurred); the image score is the
-largest of them, reweighted by how isolated its nearest bank entry is among its own neighbours
-(paper Eq. 7). The bank is a buffer, so it is saved in the model file; the backbone is not.
+Features: middle levels of a frozen ImageNet backbone, each averaged over a p x p neighbourhood
+(stride 1) so a patch sees its surroundings, the deeper ones upsampled to the shallowest one's
+grid, each average-pooled over channels to a fixed width so every level weighs the same in the
+distance (or, as a setting, kept whole and scaled to unit length), concatenated. Fit: every
+training patch goes into a bank that greedy coreset selection thins to a fraction. Score: each test patch's distance to its nearest bank entry
+is the anomaly map (upsampled, Gaussian-blurred); the image score is the largest of them after a
+light smoothing over neighbouring patches, reweighted by how isolated the nearest bank entry of
+that patch is among its own neighbours (paper Eq. 7). The bank is a buffer, so it is saved in the
+model file; the backbone is not.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class PatchCoreDetector(Detector):
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
         self.backbone = load_backbone(config.backbone)
-        dim = config.level_dim * len(config.levels)
-        self.register_buffer("memory_bank", torch.zeros(0, dim))
+        widths = [config.level_dim] * len(config.levels) if config.level_dim else self.backbone.channels(config.levels)
+        self.register_buffer("memory_bank", torch.zeros(0, sum(widths)))
 
     @classmethod
     def validate_config(cls, config: PatchCoreConfig) -> None:
@@ -76,7 +78,10 @@ class PatchCoreDetector(Detector):
                 feature = F.avg_pool2d(feature, cfg.neighbourhood, stride=1, padding=pad, count_include_pad=False)
             if feature.shape[-2:] != grid:
                 feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
-            parts.append(_pool_channels(feature.permute(0, 2, 3, 1), cfg.level_dim))
+            feature = feature.permute(0, 2, 3, 1)
+            if cfg.level_dim:
+                feature = _pool_channels(feature, cfg.level_dim)
+            parts.append(F.normalize(feature, dim=-1) if cfg.level_norm else feature)
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
@@ -117,37 +122,35 @@ class PatchCoreDetector(Detector):
         size, height, width, dim = features.shape
         queries = features.reshape(-1, dim)
         distances, nearest = nearest_neighbours(queries, self.memory_bank)
-        distances, nearest = distances.view(size, height * width), nearest.view(size, height * width)
-        worst = distances.argmax(dim=1)
+        grid = distances.view(size, height, width)
+        smoothed = gaussian_blur(grid, self.config.score_sigma).flatten(1)
+        worst = smoothed.argmax(dim=1)
         rows = torch.arange(size, device=distances.device)
-        image = reweighted_scores(queries.view(size, height * width, dim)[rows, worst],
-                                  nearest[rows, worst], self.memory_bank, self.config.neighbours)
+        image = smoothed[rows, worst] * isolation_weights(
+            queries.view(size, height * width, dim)[rows, worst], nearest.view(size, -1)[rows, worst],
+            self.memory_bank, self.config.neighbours)
         maps = None
         if with_maps:
-            maps = upsample_maps([distances.view(size, height, width)], batch.shape[-2:])[0]
+            maps = upsample_maps([grid], batch.shape[-2:])[0]
             maps = gaussian_blur(maps, self.config.map_sigma)
         return Scores(image=image.cpu(), maps=None if maps is None else maps.cpu())
 
 
-def reweighted_scores(worst_patches: Tensor, nearest_rows: Tensor, bank: Tensor, neighbours: int) -> Tensor:
-    """The paper's image score (Eq. 7) for each image's most anomalous patch [B, D].
+def isolation_weights(patches: Tensor, nearest_rows: Tensor, bank: Tensor, neighbours: int) -> Tensor:
+    """The paper's reweighting factor (Eq. 7) for patches [B, D] whose nearest bank rows are `nearest_rows` [B].
 
-    With m* its nearest bank row (`nearest_rows` [B]) and N(m*) the `neighbours` bank rows nearest
-    to m* (m* itself first), the score is s* = |patch - m*| scaled by
-    1 - exp|patch - m*| / sum over m in N(m*) of exp|patch - m|: larger when m* is itself an
+    With m* the nearest row and N(m*) the `neighbours` bank rows nearest to m* (m* itself first),
+    the factor is 1 - exp|patch - m*| / sum over m in N(m*) of exp|patch - m|: larger when m* is an
     isolated, rarely seen normal patch, whose nearness is weaker evidence of normality.
-    `neighbours` = 1 leaves s* as it is.
+    `neighbours` = 1 gives 1: a lone m* has nothing to be compared with.
     """
-    scores = torch.linalg.vector_norm(worst_patches - bank[nearest_rows], dim=-1)
-    if neighbours == 1:  # a lone m* has nothing to be compared with: the plain distance
-        return scores
-    anchors = bank[nearest_rows]
-    _, support = nearest_neighbours(anchors, bank, neighbours)
+    if neighbours == 1:
+        return torch.ones(patches.shape[0], dtype=patches.dtype, device=patches.device)
+    _, support = nearest_neighbours(bank[nearest_rows], bank, neighbours)
     # m* comes first: its distance to itself is zero (ties with duplicates leave the set the same).
     support[:, 0] = nearest_rows
-    distances = torch.linalg.vector_norm(worst_patches[:, None, :] - bank[support], dim=-1)  # [B, k]
-    weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
-    return weights * scores
+    distances = torch.linalg.vector_norm(patches[:, None, :] - bank[support], dim=-1)  # [B, k]
+    return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
 
 def _pool_channels(features: Tensor, dim: int) -> Tensor:

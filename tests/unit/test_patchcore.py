@@ -13,9 +13,10 @@ from adqueue.data.sources import open_source
 from adqueue.detectors import registry
 from adqueue.detectors.base import Preprocess
 from adqueue.detectors.components.backbone_specs import default_levels
+from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset, random_projection
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
-from adqueue.detectors.patchcore import PatchCoreDetector, reweighted_scores
+from adqueue.detectors.patchcore import PatchCoreDetector, isolation_weights
 from adqueue.metrics import image_auroc, pixel_auroc
 from adqueue.service.context import Context
 from adqueue.service.models import load_detector, save_detector
@@ -23,7 +24,9 @@ from adqueue.service.training import TensorImages
 from adqueue.store.models import Model
 
 SIZE = 128
-FAST = {"backbone": "efficientnet_lite0", "image_size": str(SIZE), "level_dim": "32", "coreset_fraction": "0.05"}
+# The stride-8 level 3 keeps a fine grid at this small size; the channels are pooled to 32 per level.
+FAST = {"backbone": "efficientnet_lite0", "image_size": str(SIZE), "levels": "3,5", "level_dim": "32",
+        "coreset_fraction": "0.05"}
 
 
 def _brute_force_coreset(points: torch.Tensor, count: int, first: int) -> list[int]:
@@ -84,11 +87,11 @@ def test_reweighting_by_hand() -> None:
     patch = torch.tensor([[4.0]])
     distances = torch.tensor([1.0, 3.0, 4.0])  # patch to 3, 1 and 0
     expected = (1 - torch.exp(distances[0]) / torch.exp(distances).sum()) * 1.0
-    got = reweighted_scores(patch, torch.tensor([2]), bank, neighbours=3)
+    got = isolation_weights(patch, torch.tensor([2]), bank, neighbours=3)
     torch.testing.assert_close(got, expected[None])
-    assert torch.equal(reweighted_scores(patch, torch.tensor([2]), bank, neighbours=1), torch.tensor([1.0]))
+    assert torch.equal(isolation_weights(patch, torch.tensor([2]), bank, neighbours=1), torch.tensor([1.0]))
     # An isolated nearest entry (10, far from the others) weighs the same distance more heavily.
-    lone = reweighted_scores(torch.tensor([[11.0]]), torch.tensor([3]), bank, neighbours=3)
+    lone = isolation_weights(torch.tensor([[11.0]]), torch.tensor([3]), bank, neighbours=3)
     assert lone > got
 
 
@@ -133,6 +136,41 @@ def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> Non
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 
 
+def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -> None:  # type: ignore[no-untyped-def]
+    """By hand with torch.cdist: the patch-distance grid, smoothed by score_sigma, its largest value
+    times Eq. 7's weight of the patch there; score_sigma=0 is the paper's own s*."""
+    detector, root = fitted
+    pixels, _ = _load(root, "test")
+    images = to_float(pixels[:5])
+    bank = detector.memory_bank
+    features = detector.patch_features(images)
+    size, height, width, dim = features.shape
+    exact = torch.cdist(features.reshape(-1, dim), bank).min(dim=1)
+    rows = torch.arange(size)
+    default = detector.config.score_sigma
+    for sigma in (default, 0.0):
+        detector.config.score_sigma = sigma
+        grid = exact.values.view(size, height, width)
+        smoothed = (gaussian_blur(grid, sigma) if sigma else grid).flatten(1)
+        worst = smoothed.argmax(dim=1)
+        weights = isolation_weights(features.view(size, height * width, dim)[rows, worst],
+                                    exact.indices.view(size, -1)[rows, worst], bank, detector.config.neighbours)
+        torch.testing.assert_close(detector.score(images, with_maps=False).image, smoothed[rows, worst] * weights,
+                                   rtol=1e-4, atol=1e-5)
+    detector.config.score_sigma = default
+
+
+def test_level_norm_gives_each_whole_level_unit_length() -> None:
+    detector = registry.create("patchcore", {"backbone": "efficientnet_lite0", "image_size": "96", "levels": "4,5,6",
+                                             "level_dim": "0", "level_norm": "true"})
+    widths = detector.backbone.channels(detector.config.levels)
+    assert detector.memory_bank.shape[1] == sum(widths)
+    features = detector.patch_features(torch.rand(2, 3, 96, 96))
+    assert features.shape == (2, 96 // 16, 96 // 16, sum(widths))  # the stride-16 grid of levels 4, 5, 6
+    for part in features.split(widths, dim=-1):
+        torch.testing.assert_close(torch.linalg.vector_norm(part, dim=-1), torch.ones(2, 6, 6))
+
+
 def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
     """Two fits with one seed keep the same rows in the same order (other seeds: see the coreset tests)."""
     detector, root = fitted
@@ -142,9 +180,9 @@ def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
     assert torch.equal(again.memory_bank, detector.memory_bank)
 
 
-def test_levels_default_to_the_backbones_middle_pair() -> None:
+def test_levels_default_per_backbone() -> None:
     config = registry.config_spec("patchcore").build({"backbone": "efficientnet_lite0"})
-    assert config.levels == default_levels("efficientnet_lite0", "middle") and len(config.levels) == 2
+    assert config.levels == default_levels("efficientnet_lite0", "middle") == (3, 5)
     assert registry.config_spec("patchcore").build({"backbone": "resnet18"}).levels == (2, 3)
     assert registry.config_spec("patchcore").build({"levels": "2,4"}).levels == (2, 4)
     with pytest.raises(ValueError, match="unknown backbone"):
