@@ -76,6 +76,14 @@ def detector_class(name: str) -> type[Detector]:
     return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
 
 
+def create_saved(name: str, saved: Mapping[str, Any]) -> Detector:
+    """A detector from a model file's settings. A setting the file lacks was added after it was
+    saved: it takes the value its Config lists in `saved_before` (the behaviour the file was
+    calibrated with), else the Config's default."""
+    config_class = detector_class(name).Config
+    return create(name, {**getattr(config_class, "saved_before", {}), **saved})
+
+
 def create(name: str, settings: Mapping[str, Any]) -> Detector:
     """A fresh, unfitted detector from its name and `--set` values."""
     from adqueue.detectors.settings import build_config

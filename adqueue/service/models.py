@@ -88,7 +88,7 @@ def load_detector(ctx: Context, model: Model, device: Any = "cpu") -> LoadedMode
                                "registered (its SHA-256 differs): train a new version instead of editing it")
     stored = load_model(path)
     try:
-        detector = registry.create(stored.detector, stored.config)
+        detector = registry.create_saved(stored.detector, stored.config)
     except (ValueError, TypeError) as exc:
         raise ModelUnavailable(f"model file {model.artifact_path} does not describe a usable detector: {exc}") from None
     expected = stored.extra.get("backbone") or {}

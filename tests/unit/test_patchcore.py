@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from adqueue.artifacts import load_model, save_model
 from adqueue.config import Settings
 from adqueue.data.io import read_mask
 from adqueue.data.loader import load_stream, stack_pixels, to_float
@@ -169,6 +170,19 @@ def test_level_norm_gives_each_whole_level_unit_length() -> None:
     assert features.shape == (2, 96 // 16, 96 // 16, sum(widths))  # the stride-16 grid of levels 4, 5, 6
     for part in features.split(widths, dim=-1):
         torch.testing.assert_close(torch.linalg.vector_norm(part, dim=-1), torch.ones(2, 6, 6))
+
+
+def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrated(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    detector, _ = fitted
+    ctx = Context(Settings.load(data_dir=tmp_path, broker_url=""))
+    artifact = save_detector(ctx, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
+    path = ctx.data_dir.resolve(artifact)
+    older = load_model(path)
+    del older.config["score_sigma"]
+    save_model(path, older)
+    model = Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)
+    assert load_detector(ctx, model).detector.config.score_sigma == 0.0
+    assert registry.create("patchcore", older.config).config.score_sigma == 1.0  # a new training: the default
 
 
 def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ checks them when it submits. The detector itself is adqueue/detectors/patchcore.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, check_levels, default_levels
 from adqueue.detectors.settings import require_at_least_one
@@ -49,6 +50,9 @@ class PatchCoreConfig:
     score_sigma: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    # Settings added after models had been saved, with the value that reproduces how a model file
+    # without them scored: its threshold was calibrated on the plain largest patch distance.
+    saved_before: ClassVar[dict[str, object]] = {"score_sigma": 0.0}
 
     def __post_init__(self) -> None:
         if not self.levels and self.backbone in LEVEL_COUNTS:
