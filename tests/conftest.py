@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -35,6 +36,23 @@ def textures(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from adqueue.cli.demo import build_dataset
 
     return build_dataset(tmp_path_factory.mktemp("textures"), n_normal=24, n_dump=16)
+
+
+def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, list]:
+    """uint8 pixels [N, 3, size, size] and the items of one split of an MVTec-style folder."""
+    from adqueue.data.loader import load_stream, stack_pixels
+    from adqueue.data.sources import open_source
+    from adqueue.detectors.base import Preprocess
+
+    items = list(open_source(root, split=split).items())
+    return stack_pixels(list(load_stream(items, Preprocess(size, 3)))), items
+
+
+def split_masks(items: list, size: int) -> np.ndarray:
+    """Each item's defect mask at size x size (all False for a good image), stacked [N, size, size]."""
+    from adqueue.data.io import read_mask
+
+    return np.stack([read_mask(i.mask, (size, size)) if i.mask else np.zeros((size, size), bool) for i in items])
 
 
 def cli_env(**settings: str) -> dict[str, str]:

@@ -85,8 +85,7 @@ class DifferNetDetector(Detector):
         return Preprocess(size=self.config.image_size, channels=3)
 
     def backbone_identity(self) -> dict[str, str]:
-        backbone = self.features.backbone
-        return {"name": backbone.name, "sha256": backbone.weights.sha256}
+        return self.features.backbone.identity()
 
     def _augment(self) -> dict[str, float | bool]:
         cfg = self.config

@@ -50,7 +50,7 @@ class MVGDetector(Detector):
         return Preprocess(size=self.config.image_size, channels=3)
 
     def backbone_identity(self) -> dict[str, str]:
-        return {"name": self.backbone.name, "sha256": self.backbone.weights.sha256}
+        return self.backbone.identity()
 
     def _features(self, batch: Tensor) -> dict[int, Tensor]:
         maps = self.backbone(batch.to(self.device), self._all_levels)

@@ -56,7 +56,7 @@ class PatchCoreDetector(Detector):
         return Preprocess(size=self.config.image_size, channels=3)
 
     def backbone_identity(self) -> dict[str, str]:
-        return {"name": self.backbone.name, "sha256": self.backbone.weights.sha256}
+        return self.backbone.identity()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # The bank's row count is only known after fitting: take its shape from the saved state.

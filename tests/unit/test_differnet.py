@@ -2,35 +2,28 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from adqueue.data.io import read_mask
-from adqueue.data.loader import load_stream, stack_pixels, to_float
-from adqueue.data.sources import open_source
+from adqueue.data.loader import to_float
 from adqueue.detectors import registry
-from adqueue.detectors.base import Preprocess
 from adqueue.detectors.components.augment import evenly_spread_transforms, rotate
 from adqueue.detectors.differnet import DifferNetDetector
 from adqueue.metrics import image_auroc, pixel_auroc
 from adqueue.service.training import TensorImages
+from tests.conftest import load_split, split_masks
 
 SIZE = 128
 FAST = {"image_size": str(SIZE), "hidden": "256", "n_hidden": "2", "n_blocks": "4", "epochs": "12",
         "train_transforms": "4", "test_transforms": "4", "map_transforms": "2", "lr": "1e-3"}
 
 
-def _load(root: Path, split: str) -> tuple[torch.Tensor, list]:
-    items = list(open_source(root, split=split).items())
-    return stack_pixels(list(load_stream(items, Preprocess(SIZE, 3)))), items
-
 
 @pytest.fixture(scope="module")
 def fitted(textures) -> tuple[DifferNetDetector, Path]:  # type: ignore[no-untyped-def]
     root, _ = textures
     detector = registry.create("differnet", FAST)
-    pixels, _ = _load(root, "train")
+    pixels, _ = load_split(root, "train", SIZE)
     report = detector.fit(TensorImages(pixels))
     assert report.info["cached_vectors"] == 4 * len(pixels)
     assert report.losses[-1] < report.losses[0]
@@ -40,18 +33,18 @@ def fitted(textures) -> tuple[DifferNetDetector, Path]:  # type: ignore[no-untyp
 
 def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    pixels, items = _load(root, "test")
+    pixels, items = load_split(root, "test", SIZE)
     scores = detector.score(to_float(pixels), with_maps=True)
     labels = [item.label for item in items]
     assert scores.image.shape == (len(items),) and scores.maps.shape == (len(items), SIZE, SIZE)
     assert image_auroc(labels, scores.image.numpy()) > 0.85
-    masks = np.stack([read_mask(i.mask, (SIZE, SIZE)) if i.mask else np.zeros((SIZE, SIZE), bool) for i in items])
+    masks = split_masks(items, SIZE)
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.7
 
 
 def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    pixels, _ = _load(root, "test")
+    pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:3])
     transforms = evenly_spread_transforms(4, seed=0, rotation=True, brightness=0.15, contrast=0.15)
     assert transforms.angles.tolist() == [0.0, 90.0, 180.0, 270.0]
@@ -93,7 +86,7 @@ def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no
     fresh = registry.create("differnet", detector.config_dict())
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert not unexpected and all(key.startswith("features.backbone.") for key in missing)
-    pixels, _ = _load(root, "test")
+    pixels, _ = load_split(root, "test", SIZE)
     a = detector.score(to_float(pixels[:2]), with_maps=True)
     b = fresh.eval().score(to_float(pixels[:2]), with_maps=True)
     assert torch.equal(a.image, b.image) and torch.allclose(a.maps, b.maps)
@@ -101,7 +94,7 @@ def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no
 
 def test_same_seed_same_model(textures) -> None:  # type: ignore[no-untyped-def]
     root, _ = textures
-    pixels, _ = _load(root, "train")
+    pixels, _ = load_split(root, "train", SIZE)
     tiny = {**FAST, "hidden": "32", "epochs": "2", "train_transforms": "1", "test_transforms": "1"}
     scores = []
     for _ in range(2):

@@ -2,32 +2,25 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from adqueue.data.loader import load_stream, stack_pixels, to_float
-from adqueue.data.sources import open_source
+from adqueue.data.loader import to_float
 from adqueue.detectors import registry
-from adqueue.detectors.base import Preprocess
 from adqueue.detectors.mvg import MVGDetector
 from adqueue.metrics import image_auroc, pixel_auroc
-from adqueue.data.io import read_mask
 from adqueue.service.training import TensorImages
+from tests.conftest import load_split, split_masks
 
 FAST = {"backbone": "efficientnet_lite0", "image_size": "128", "levels": "3,4,5,6", "map_levels": "2,3,4"}
 
-
-def _load(root: Path, split: str, size: int) -> tuple[torch.Tensor, list]:
-    items = list(open_source(root, split=split).items())
-    return stack_pixels(list(load_stream(items, Preprocess(size, 3)))), items
 
 
 @pytest.fixture(scope="module")
 def fitted(textures) -> tuple[MVGDetector, Path]:  # type: ignore[no-untyped-def]
     root, _ = textures
     detector = registry.create("mvg", FAST)
-    pixels, _ = _load(root, "train", 128)
+    pixels, _ = load_split(root, "train", 128)
     report = detector.fit(TensorImages(pixels))
     assert report.n_images == len(pixels)
     return detector, root  # type: ignore[return-value]
@@ -35,12 +28,12 @@ def fitted(textures) -> tuple[MVGDetector, Path]:  # type: ignore[no-untyped-def
 
 def test_mvg_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    pixels, items = _load(root, "test", 128)
+    pixels, items = load_split(root, "test", 128)
     scores = detector.score(to_float(pixels))
     labels = [item.label for item in items]
     assert scores.image.shape == (len(items),) and scores.maps.shape == (len(items), 128, 128)
     assert image_auroc(labels, scores.image.numpy()) > 0.9
-    masks = np.stack([read_mask(i.mask, (128, 128)) if i.mask else np.zeros((128, 128), bool) for i in items])
+    masks = split_masks(items, 128)
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.85
 
 
@@ -51,7 +44,7 @@ def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no
     fresh = registry.create("mvg", detector.config_dict())
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert not unexpected and all(key.startswith("backbone.") for key in missing)
-    pixels, _ = _load(root, "test", 128)
+    pixels, _ = load_split(root, "test", 128)
     a, b = detector.score(to_float(pixels[:6])), fresh.score(to_float(pixels[:6]))
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 

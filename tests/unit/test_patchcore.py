@@ -2,20 +2,16 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from adqueue.artifacts import load_model, save_model
 from adqueue.config import Settings
-from adqueue.data.io import read_mask
-from adqueue.data.loader import load_stream, stack_pixels, to_float
-from adqueue.data.sources import open_source
+from adqueue.data.loader import to_float
 from adqueue.detectors import registry
-from adqueue.detectors.base import Preprocess
 from adqueue.detectors.components.backbone_specs import default_levels
-from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset, random_projection
+from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore import PatchCoreDetector, isolation_weights
 from adqueue.metrics import image_auroc, pixel_auroc
@@ -23,6 +19,7 @@ from adqueue.service.context import Context
 from adqueue.service.models import load_detector, save_detector
 from adqueue.service.training import TensorImages
 from adqueue.store.models import Model
+from tests.conftest import load_split, split_masks
 
 SIZE = 128
 # The stride-8 level 3 keeps a fine grid at this small size; the channels are pooled to 32 per level.
@@ -96,16 +93,12 @@ def test_reweighting_by_hand() -> None:
     assert lone > got
 
 
-def _load(root: Path, split: str) -> tuple[torch.Tensor, list]:
-    items = list(open_source(root, split=split).items())
-    return stack_pixels(list(load_stream(items, Preprocess(SIZE, 3)))), items
-
 
 @pytest.fixture(scope="module")
 def fitted(textures) -> tuple[PatchCoreDetector, Path]:  # type: ignore[no-untyped-def]
     root, _ = textures
     detector = registry.create("patchcore", FAST)
-    pixels, _ = _load(root, "train")
+    pixels, _ = load_split(root, "train", SIZE)
     report = detector.fit(TensorImages(pixels))
     grid = (SIZE // 8) ** 2  # level 3: stride 8
     assert report.info["patches"] == len(pixels) * grid
@@ -116,12 +109,12 @@ def fitted(textures) -> tuple[PatchCoreDetector, Path]:  # type: ignore[no-untyp
 
 def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    pixels, items = _load(root, "test")
+    pixels, items = load_split(root, "test", SIZE)
     scores = detector.score(to_float(pixels))
     labels = [item.label for item in items]
     assert scores.image.shape == (len(items),) and scores.maps.shape == (len(items), SIZE, SIZE)
     assert image_auroc(labels, scores.image.numpy()) > 0.9
-    masks = np.stack([read_mask(i.mask, (SIZE, SIZE)) if i.mask else np.zeros((SIZE, SIZE), bool) for i in items])
+    masks = split_masks(items, SIZE)
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.85
 
 
@@ -132,7 +125,7 @@ def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> Non
     loaded = load_detector(ctx, Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)).detector
     assert torch.equal(loaded.memory_bank, detector.memory_bank)
     assert loaded.config.levels == detector.config.levels
-    pixels, _ = _load(root, "test")
+    pixels, _ = load_split(root, "test", SIZE)
     a, b = detector.score(to_float(pixels[:6])), loaded.score(to_float(pixels[:6]))
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 
@@ -141,7 +134,7 @@ def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -
     """By hand with torch.cdist: the patch-distance grid, smoothed by score_sigma, its largest value
     times Eq. 7's weight of the patch there; score_sigma=0 is the paper's own s*."""
     detector, root = fitted
-    pixels, _ = _load(root, "test")
+    pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:5])
     bank = detector.memory_bank
     features = detector.patch_features(images)
@@ -188,7 +181,7 @@ def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrate
 def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
     """Two fits with one seed keep the same rows in the same order (other seeds: see the coreset tests)."""
     detector, root = fitted
-    pixels, _ = _load(root, "train")
+    pixels, _ = load_split(root, "train", SIZE)
     again = registry.create("patchcore", FAST)
     again.fit(TensorImages(pixels))
     assert torch.equal(again.memory_bank, detector.memory_bank)

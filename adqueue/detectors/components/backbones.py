@@ -84,6 +84,10 @@ class FeatureExtractor(nn.Module):
                 break
         return [outputs[level] for level in levels]
 
+    def identity(self) -> dict[str, str]:
+        """Name and weight hash: what a model file records and checks on load (Detector.backbone_identity)."""
+        return {"name": self.name, "sha256": self.weights.sha256}
+
     @torch.no_grad()
     def channels(self, levels: Sequence[int]) -> list[int]:
         probe = torch.zeros(1, 3, 64, 64, device=self.mean.device)
