@@ -103,6 +103,28 @@ def _pg_drop_to_reader(dbapi_connection: Any) -> None:
         log.debug("read-only session keeps its login role: %s", exc)
 
 
+def _switch_to_wal(cursor: sqlite3.Cursor, busy_ms: int) -> None:
+    """PRAGMA journal_mode=WAL, tried again for up to `busy_ms` while the file is locked.
+
+    Switching a new database file to WAL needs it to itself, and SQLite answers "database is
+    locked" at once, without waiting in its busy handler, while another process is creating or
+    switching the same file: two workers started together on a new data dir then lost one of them
+    (tests/unit/test_store.py makes that race happen). Only a database's first moments see it: WAL
+    mode is stored in the file.
+    """
+    deadline = time.monotonic() + busy_ms / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def _sqlite_engine(url: str, *, read_only: bool, timeout_s: float | None = None) -> Engine:
     path = _sqlite_file(url)
     if path is not None and not read_only:
@@ -119,7 +141,7 @@ def _sqlite_engine(url: str, *, read_only: bool, timeout_s: float | None = None)
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not read_only:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor, busy_ms)
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")

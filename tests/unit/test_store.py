@@ -3,7 +3,9 @@ machine's guards (leases with fencing, cancel, resume)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -224,3 +226,27 @@ def test_results_are_unique_per_job_and_path(store: Store) -> None:
         upsert_results(session, [{**r, "score": 3.0} for r in base])
         assert session.scalar(select(func.count()).select_from(Result)) == 4
         assert sorted(session.scalars(select(Result.score))) == [1.0, 1.0, 3.0, 3.0]
+
+
+
+def test_a_store_opened_while_another_process_creates_the_file_waits_for_it(tmp_path: Path) -> None:
+    """Workers started together on a new data dir: one is still writing the new file's first
+    transaction (not yet in WAL mode) when the next one connects. SQLite refuses that one's switch
+    to WAL at once, without its busy timeout; it must wait for the lock like any other, not exit
+    with "database is locked" (as a worker did in CI)."""
+    path = tmp_path / "adqueue.db"
+    creator = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    creator.execute("BEGIN IMMEDIATE")
+    creator.execute("CREATE TABLE first_write (x)")
+    release = threading.Timer(0.5, lambda: creator.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    store = Store(f"sqlite:///{path}")
+    store.check_reachable()
+    waited = time.monotonic() - started
+    release.join()
+    creator.close()
+    assert waited >= 0.4
+    ensure_schema(store)
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
