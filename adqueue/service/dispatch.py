@@ -139,6 +139,7 @@ class InlineDispatcher:
             for shard_id in shard_ids:
                 outcome = ShardOutcome.RETRY
                 while outcome is ShardOutcome.RETRY:
+                    raise_if_signalled()
                     outcome = run_shard(self.ctx, shard_id, models=self.models, worker=self.worker, dispatcher=self,
                                         on_batch=progress.advance)
                 if outcome in (ShardOutcome.LOST, ShardOutcome.JOB_FAILED):
@@ -147,6 +148,7 @@ class InlineDispatcher:
             self._in_shard_loop = False
             progress.stop()
         if job_id in self._finish_due:
+            raise_if_signalled()
             self._finish_due.discard(job_id)
             run_finish(self.ctx, job_id, worker=self.worker)
 
@@ -154,18 +156,36 @@ class InlineDispatcher:
 _SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
+# The signal last received inside signals_interrupt(). Its exception can be lost: raised in the
+# middle of a database driver's call, it can be replaced by the driver's own error on the way out
+# (psycopg: "can't change 'autocommit' now") and then handled as a failed shard. The shard loop
+# checks this between shards, so the run still stops.
+_received: int | None = None
+
+
 def _raise_interrupted(signum: int, _frame: Any) -> None:
+    global _received
+    _received = signum
     raise Interrupted(signum, _SIGNALS.get(signum, str(signum)))
+
+
+def raise_if_signalled() -> None:
+    """Raise Interrupted if a signal arrived inside signals_interrupt() whose exception was lost."""
+    if _received is not None:
+        raise Interrupted(_received, _SIGNALS.get(_received, str(_received)))
 
 
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Interrupted here, as Ctrl-C raises KeyboardInterrupt, so a job
     running in this process is marked for `resume` on the way out rather than left `running`."""
+    global _received
+    _received = None
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
     try:
         yield
     finally:
+        _received = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -1,6 +1,7 @@
 """The CLI on the embedded default (no broker): the whole job flow in this process, plus errors."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,27 @@ def test_reconcile_on_a_healthy_database_changes_nothing(data_dir: Path, trained
     report = json.loads(invoke(data_dir, "reconcile", "--format", "json").stdout)
     assert set(report) >= {"shards_requeued", "messages_resent", "embedded_stopped"} and not any(report.values())
     assert invoke(data_dir, "jobs", "--format", "json").stdout == before
+
+
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_run() -> None:
+    """SIGTERM raises Interrupted wherever the process is; raised inside a database driver's call it
+    can come out as the driver's own error and be handled as a failed shard. The shard loop's check
+    must still raise it (a chaos run on PostgreSQL once finished the whole job after its SIGTERM)."""
+    import os
+    import signal
+
+    from adqueue.errors import Interrupted
+    from adqueue.service.dispatch import raise_if_signalled, signals_interrupt
+
+    with signals_interrupt():
+        raise_if_signalled()  # nothing received yet
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException as exc:  # noqa: BLE001 - what the interrupted driver code did
+            swallowed = exc
+        assert isinstance(swallowed, Interrupted)
+        with pytest.raises(Interrupted) as raised:
+            raise_if_signalled()
+        assert raised.value.signum == signal.SIGTERM
+    raise_if_signalled()  # outside, a past signal no longer counts
