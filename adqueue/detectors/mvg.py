@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adqueue.detectors.base import Detector, FitReport, Preprocess, Scores
 from adqueue.detectors.components.backbones import load_backbone
-from adqueue.detectors.components.gaussian import GaussianScorer
+from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.configs.mvg import MVGConfig
 from adqueue.detectors.configs.mvg import validate as validate_mvg_config
@@ -38,7 +38,7 @@ class MVGDetector(Detector):
         super().__init__(config)
         self.backbone = load_backbone(config.backbone)
         self._all_levels = sorted(set(config.levels) | set(config.map_levels))
-        self.image_gaussians = nn.ModuleList(GaussianScorer() for _ in config.levels)
+        self.image_gaussians = LevelGaussians(len(config.levels))
         self.map_gaussians = nn.ModuleList(GaussianScorer() for _ in config.map_levels)
 
     @classmethod
@@ -75,11 +75,9 @@ class MVGDetector(Detector):
             progress.advance(len(batch))
         progress.phase("fitting Gaussians", len(cfg.levels) + len(cfg.map_levels))
         kept: dict[str, int] = {}
-        for index, level in enumerate(cfg.levels):
-            scorer = GaussianScorer.fit(np.concatenate(pooled[level]), cfg.variance).to(self.device)
-            self.image_gaussians[index] = scorer
-            kept[f"level{level}"] = scorer.kept
-            progress.advance()
+        self.image_gaussians.fit([np.concatenate(pooled[level]) for level in cfg.levels], cfg.variance).to(self.device)
+        kept.update({f"level{level}": scorer.kept for level, scorer in zip(cfg.levels, self.image_gaussians, strict=True)})
+        progress.advance(len(cfg.levels))
         for index, level in enumerate(cfg.map_levels):
             scorer = GaussianScorer.fit(np.concatenate(local[level]), cfg.map_variance).to(self.device)
             self.map_gaussians[index] = scorer
@@ -93,13 +91,11 @@ class MVGDetector(Detector):
 
     @torch.no_grad()
     def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if any(g.kept == 0 for g in self.image_gaussians):
+        if not self.image_gaussians.fitted:
             raise RuntimeError("the mvg detector is not fitted: call fit() or load a trained state first")
         cfg = self.config
         features = self._features(batch)
-        image = torch.zeros(batch.shape[0], device=self.device)
-        for scorer, level in zip(self.image_gaussians, cfg.levels, strict=True):
-            image += scorer(features[level].mean(dim=(2, 3)))
+        image = self.image_gaussians([features[level].mean(dim=(2, 3)) for level in cfg.levels])
         maps = None
         if with_maps:
             per_level = [

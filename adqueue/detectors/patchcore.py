@@ -12,12 +12,22 @@ is the anomaly map (upsampled, Gaussian-blurred); the image score is the largest
 light smoothing over neighbouring patches, reweighted by how isolated the nearest bank entry of
 that patch is among its own neighbours (paper Eq. 7). The bank is a buffer, so it is saved in the
 model file; the backbone is not.
+
+Beyond the paper (`global_weight`, on by default): a whole-image term, the summed Mahalanobis
+distances of the globally pooled deeper levels (as `mvg` scores images), is added to the patch
+score. The two live on different scales, so each is standardized by its mean and spread on normal
+images the fit has not seen: the patch score of a sample of training images against the bank
+without the rows taken from that image, and the Gaussian distance of each training image under
+Gaussians fitted on the other folds. Fewer than GLOBAL_MIN_IMAGES training images leave the term
+out (its least-variance directions would be noise) and the image score is the standardized patch
+score alone.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,11 +36,16 @@ from torch.utils.data import DataLoader, Dataset
 from adqueue.detectors.base import Detector, FitReport, Preprocess, Scores
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset
+from adqueue.detectors.components.gaussian import LevelGaussians, out_of_fold_distances
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.configs.patchcore import PatchCoreConfig
 from adqueue.detectors.configs.patchcore import validate as validate_patchcore_config
 from adqueue.progress import NullProgress, Progress
+
+GLOBAL_MIN_IMAGES = 16  # as mvg's minimum: OPCA's least-variance axes are noise below it
+HELD_OUT_IMAGES = 64  # training images whose patch score, without their own bank rows, sets its scale
+FOLDS = 5  # out-of-fold Gaussian distances set the whole-image term's scale
 
 
 class PatchCoreDetector(Detector):
@@ -46,6 +61,11 @@ class PatchCoreDetector(Detector):
         self.backbone = load_backbone(config.backbone)
         widths = [config.level_dim] * len(config.levels) if config.level_dim else self.backbone.channels(config.levels)
         self.register_buffer("memory_bank", torch.zeros(0, sum(widths)))
+        if config.global_weight > 0:
+            self.global_gaussians = LevelGaussians(len(config.global_levels))
+            # Mean and spread of the patch score, then of the whole-image distance, on unseen normal
+            # images, and the weight the whole-image term got (0 when the fit had too few images).
+            self.register_buffer("score_norm", torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64))
 
     @classmethod
     def validate_config(cls, config: PatchCoreConfig) -> None:
@@ -65,10 +85,21 @@ class PatchCoreDetector(Detector):
             self.memory_bank = torch.empty_like(saved, dtype=torch.float32, device=self.memory_bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _backbone_maps(self, batch: Tensor) -> dict[int, Tensor]:
+        cfg = self.config
+        levels = sorted(set(cfg.levels) | (set(cfg.global_levels) if cfg.global_weight > 0 else set()))
+        return dict(zip(levels, self.backbone(batch.to(self.device), levels), strict=True))
+
+    def _pooled(self, maps: dict[int, Tensor]) -> list[Tensor]:
+        return [maps[level].mean(dim=(2, 3)) for level in self.config.global_levels]
+
     def patch_features(self, batch: Tensor) -> Tensor:
         """Locally aware patch features [B, h, w, D] on the shallowest chosen level's grid."""
+        return self._patch_features(self._backbone_maps(batch))
+
+    def _patch_features(self, by_level: dict[int, Tensor]) -> Tensor:
         cfg = self.config
-        maps = self.backbone(batch.to(self.device), cfg.levels)
+        maps = [by_level[level] for level in cfg.levels]
         grid = max((m.shape[-2:] for m in maps), key=lambda size: size[0] * size[1])
         pad = cfg.neighbourhood // 2
         parts = []
@@ -91,11 +122,15 @@ class PatchCoreDetector(Detector):
         cfg = self.config
         loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=False)
         progress.phase("extracting patch features", len(images))  # type: ignore[arg-type]
-        chunks = []
+        chunks, pooled = [], []
         for batch in loader:
-            features = self.patch_features(batch)
+            maps = self._backbone_maps(batch)
+            features = self._patch_features(maps)
             chunks.append(features.reshape(-1, features.shape[-1]))
+            if cfg.global_weight > 0:
+                pooled.append([p.double().cpu().numpy() for p in self._pooled(maps)])
             progress.advance(len(batch))
+        grid = features.shape[1:3]
         patches = torch.cat(chunks)
         del chunks
         count = coreset_size(patches.shape[0], cfg.coreset_fraction, cfg.bank_limit)
@@ -105,30 +140,68 @@ class PatchCoreDetector(Detector):
                                   progress=progress.advance)
             self.memory_bank = patches[keep].contiguous()
         else:
+            keep = torch.arange(patches.shape[0], device=patches.device)
             self.memory_bank = patches
         bank = self.memory_bank
-        return FitReport(
-            n_images=len(images),  # type: ignore[arg-type]
-            seconds=time.perf_counter() - started,
-            info={"patches": int(patches.shape[0]), "bank_size": int(bank.shape[0]), "bank_dim": int(bank.shape[1]),
-                  "bank_mb": round(bank.numel() * bank.element_size() / 2**20, 2)},
-        )
+        info: dict[str, object] = {"patches": int(patches.shape[0]), "bank_size": int(bank.shape[0]),
+                                   "bank_dim": int(bank.shape[1]),
+                                   "bank_mb": round(bank.numel() * bank.element_size() / 2**20, 2)}
+        if cfg.global_weight > 0:
+            per_level = [np.concatenate(level) for level in zip(*pooled, strict=True)]
+            info["global_term"] = self._fit_score_norm(patches.view(-1, *grid, patches.shape[-1]),
+                                                       keep // (grid[0] * grid[1]), per_level, progress)
+        return FitReport(n_images=len(images), seconds=time.perf_counter() - started, info=info)  # type: ignore[arg-type]
 
-    @torch.no_grad()
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if self.memory_bank.shape[0] == 0:
-            raise RuntimeError("the patchcore detector is not fitted: call fit() or load a trained state first")
-        features = self.patch_features(batch)
+    def _fit_score_norm(self, patches: Tensor, bank_sources: Tensor, per_level: list[np.ndarray],
+                        progress: Progress) -> bool:
+        """Fit the whole-image Gaussians and the scales that standardize both terms (see the module
+        docstring); `patches` [N, h, w, D] per training image, `bank_sources` the image of each bank row.
+        Returns whether the whole-image term is used."""
+        cfg = self.config
+        count = patches.shape[0]
+        picks = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[:HELD_OUT_IMAGES]
+        progress.phase("measuring scores of unseen images", len(picks))
+        local = []
+        for image in picks.tolist():
+            local.append(self._patch_scores(patches[image:image + 1], self.memory_bank[bank_sources != image])[0])
+            progress.advance()
+        local_scores = torch.cat(local).double()
+        norm = [local_scores.mean().item(), _spread(local_scores), 0.0, 1.0, 0.0]
+        used = count >= GLOBAL_MIN_IMAGES
+        if used:
+            distances = torch.from_numpy(out_of_fold_distances(per_level, cfg.global_variance, folds=FOLDS,
+                                                               seed=cfg.seed))
+            norm[2:] = [distances.mean().item(), _spread(distances), cfg.global_weight]
+            self.global_gaussians.fit(per_level, cfg.global_variance).to(self.device)
+        self.score_norm = torch.tensor(norm, dtype=torch.float64, device=self.device)
+        return used
+
+    def _patch_scores(self, features: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
+        """Image scores [B] (smoothed largest patch distance, reweighted) and patch-distance grids [B, h, w]
+        of patch features [B, h, w, D] against `bank`."""
         size, height, width, dim = features.shape
         queries = features.reshape(-1, dim)
-        distances, nearest = nearest_neighbours(queries, self.memory_bank)
+        distances, nearest = nearest_neighbours(queries, bank)
         grid = distances.view(size, height, width)
         smoothed = gaussian_blur(grid, self.config.score_sigma).flatten(1)
         worst = smoothed.argmax(dim=1)
         rows = torch.arange(size, device=distances.device)
         image = smoothed[rows, worst] * isolation_weights(
             queries.view(size, height * width, dim)[rows, worst], nearest.view(size, -1)[rows, worst],
-            self.memory_bank, self.config.neighbours)
+            bank, self.config.neighbours)
+        return image, grid
+
+    @torch.no_grad()
+    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("the patchcore detector is not fitted: call fit() or load a trained state first")
+        maps_by_level = self._backbone_maps(batch)
+        image, grid = self._patch_scores(self._patch_features(maps_by_level), self.memory_bank)
+        if self.config.global_weight > 0:
+            local_mean, local_spread, global_mean, global_spread, weight = self.score_norm.tolist()
+            image = (image - local_mean) / local_spread
+            if weight > 0:
+                image = image + weight * (self.global_gaussians(self._pooled(maps_by_level)) - global_mean) / global_spread
         maps = None
         if with_maps:
             maps = upsample_maps([grid], batch.shape[-2:])[0]
@@ -160,3 +233,8 @@ def _pool_channels(features: Tensor, dim: int) -> Tensor:
     leading = features.shape[:-1]
     pooled = F.adaptive_avg_pool1d(features.reshape(-1, 1, features.shape[-1]), dim)
     return pooled.reshape(*leading, dim)
+
+
+def _spread(values: Tensor) -> float:
+    """Standard deviation, kept away from 0 so that identical scores still standardize to finite values."""
+    return max(values.std().item() if values.numel() > 1 else 0.0, 1e-6 * max(1.0, values.abs().mean().item()))

@@ -6,7 +6,13 @@ import torch
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
-from adqueue.detectors.components.gaussian import GaussianScorer, fit_gaussian, opca_basis
+from adqueue.detectors.components.gaussian import (
+    GaussianScorer,
+    LevelGaussians,
+    fit_gaussian,
+    opca_basis,
+    out_of_fold_distances,
+)
 
 
 def _data(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
@@ -69,3 +75,17 @@ def test_scorer_state_round_trip_restores_shapes() -> None:
 def test_fit_needs_two_samples() -> None:
     with pytest.raises(ValueError):
         fit_gaussian(np.zeros((1, 3)), None)
+
+
+def test_out_of_fold_distances_score_each_row_with_gaussians_fitted_without_it() -> None:
+    """With one fold per row it is leave-one-out, checked row by row by brute force, on two levels."""
+    rng = np.random.default_rng(3)
+    per_level = [rng.normal(size=(30, 6)), rng.normal(size=(30, 4)) * [1.0, 2.0, 0.5, 3.0]]
+    got = out_of_fold_distances(per_level, 0.5, folds=30, seed=1)
+    for row in range(30):
+        rest = [np.delete(level, row, axis=0) for level in per_level]
+        expected = sum(GaussianScorer.fit(r, 0.5)(torch.from_numpy(level[row:row + 1])).item()
+                       for r, level in zip(rest, per_level, strict=True))
+        assert got[row] == pytest.approx(expected, rel=1e-9)
+    in_sample = LevelGaussians(2).fit(per_level, 0.5)([torch.from_numpy(level) for level in per_level]).numpy()
+    assert got.mean() > in_sample.mean()  # unseen rows fall farther: why the scale is measured out of fold

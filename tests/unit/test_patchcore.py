@@ -130,10 +130,18 @@ def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> Non
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 
 
+def _mahalanobis_by_hand(scorer, features: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    z = (features.double() - scorer.mean) @ scorer.basis
+    return ((z @ scorer.precision) * z).sum(dim=1).sqrt()
+
+
 def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -> None:  # type: ignore[no-untyped-def]
     """By hand with torch.cdist: the patch-distance grid, smoothed by score_sigma, its largest value
-    times Eq. 7's weight of the patch there; score_sigma=0 is the paper's own s*."""
+    times Eq. 7's weight of the patch there (score_sigma=0 is the paper's own s*), standardized and
+    added to the standardized whole-image Mahalanobis distance of the pooled global levels."""
     detector, root = fitted
+    local_mean, local_spread, global_mean, global_spread, weight = detector.score_norm.tolist()
+    assert weight == 1.0 and local_spread > 0 and global_spread > 0
     pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:5])
     bank = detector.memory_bank
@@ -149,9 +157,45 @@ def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -
         worst = smoothed.argmax(dim=1)
         weights = isolation_weights(features.view(size, height * width, dim)[rows, worst],
                                     exact.indices.view(size, -1)[rows, worst], bank, detector.config.neighbours)
-        torch.testing.assert_close(detector.score(images, with_maps=False).image, smoothed[rows, worst] * weights,
-                                   rtol=1e-4, atol=1e-5)
+        local = (smoothed[rows, worst] * weights - local_mean) / local_spread
+        pooled = [m.mean(dim=(2, 3)) for m in detector.backbone(images, detector.config.global_levels)]
+        whole = sum(_mahalanobis_by_hand(g, p) for g, p in zip(detector.global_gaussians, pooled, strict=True))
+        expected = local + weight * (whole.float() - global_mean) / global_spread
+        torch.testing.assert_close(detector.score(images, with_maps=False).image, expected, rtol=1e-4, atol=1e-4)
     detector.config.score_sigma = default
+
+
+def test_patch_score_scale_comes_from_images_scored_without_their_own_bank_rows(textures) -> None:  # type: ignore[no-untyped-def]
+    """With the whole bank kept (coreset_fraction=1), a training image scored against a bank holding
+    its own patches would score 0: the scale must come from the other images' patches, by brute force."""
+    root, _ = textures
+    size = 64
+    detector = registry.create("patchcore", {**FAST, "image_size": str(size), "coreset_fraction": "1",
+                                             "neighbours": "1", "score_sigma": "0"})
+    pixels, _ = load_split(root, "train", size)
+    detector.fit(TensorImages(pixels))
+    features = detector.patch_features(to_float(pixels))
+    per_image = features.reshape(len(pixels), -1, features.shape[-1])
+    held_out = torch.stack([
+        torch.cdist(per_image[i], torch.cat([per_image[:i], per_image[i + 1:]]).flatten(0, 1)).min(dim=1).values.max()
+        for i in range(len(pixels))
+    ]).double()
+    assert len(pixels) <= 64  # every image is one of the sampled ones
+    torch.testing.assert_close(detector.score_norm[:2], torch.stack([held_out.mean(), held_out.std()]),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_the_whole_image_term_needs_enough_images(textures) -> None:  # type: ignore[no-untyped-def]
+    """Below GLOBAL_MIN_IMAGES the Gaussians are left out and the score is the standardized patch score."""
+    root, _ = textures
+    detector = registry.create("patchcore", FAST)
+    pixels, _ = load_split(root, "train", SIZE)
+    report = detector.fit(TensorImages(pixels[:8]))
+    assert report.info["global_term"] is False and detector.score_norm[4] == 0
+    images = to_float(pixels[8:12])
+    local, _ = detector._patch_scores(detector.patch_features(images), detector.memory_bank)
+    mean, spread = detector.score_norm[:2].tolist()
+    torch.testing.assert_close(detector.score(images, with_maps=False).image, (local - mean) / spread)
 
 
 def test_level_norm_gives_each_whole_level_unit_length() -> None:
@@ -166,16 +210,23 @@ def test_level_norm_gives_each_whole_level_unit_length() -> None:
 
 
 def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrated(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    detector, _ = fitted
+    detector, root = fitted
     ctx = Context(Settings.load(data_dir=tmp_path, broker_url=""))
     artifact = save_detector(ctx, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
     path = ctx.data_dir.resolve(artifact)
     older = load_model(path)
-    del older.config["score_sigma"]
+    del older.config["score_sigma"], older.config["global_weight"]
+    older.state = {k: v for k, v in older.state.items() if not k.startswith(("global_gaussians.", "score_norm"))}
     save_model(path, older)
     model = Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)
-    assert load_detector(ctx, model).detector.config.score_sigma == 0.0
-    assert registry.create("patchcore", older.config).config.score_sigma == 1.0  # a new training: the default
+    loaded = load_detector(ctx, model).detector
+    assert loaded.config.score_sigma == 0.0 and loaded.config.global_weight == 0.0
+    pixels, _ = load_split(root, "test", SIZE)
+    images = to_float(pixels[:4])
+    plain, _ = loaded._patch_scores(loaded.patch_features(images), loaded.memory_bank)
+    torch.testing.assert_close(loaded.score(images, with_maps=False).image, plain)  # the plain patch score
+    fresh = registry.create("patchcore", older.config).config  # a new training: the defaults
+    assert fresh.score_sigma == 1.0 and fresh.global_weight == 1.0
 
 
 def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
