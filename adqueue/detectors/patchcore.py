@@ -163,10 +163,12 @@ class PatchCoreDetector(Detector):
         progress.phase("measuring scores of unseen images", len(picks))
         local = []
         for image in picks.tolist():
-            local.append(self._patch_scores(patches[image:image + 1], self.memory_bank[bank_sources != image])[0])
+            others = self.memory_bank[bank_sources != image]
+            if others.shape[0]:  # a tiny bank may hold rows of this one image only
+                local.append(self._patch_scores(patches[image:image + 1], others)[0])
             progress.advance()
-        local_scores = torch.cat(local).double()
-        norm = [local_scores.mean().item(), _spread(local_scores), 0.0, 1.0, 0.0]
+        local_scores = torch.cat(local).double() if local else torch.zeros(0, dtype=torch.float64)
+        norm = [local_scores.mean().item(), _spread(local_scores), 0.0, 1.0, 0.0] if local else [0.0, 1.0, 0.0, 1.0, 0.0]
         used = count >= GLOBAL_MIN_IMAGES
         if used:
             distances = torch.from_numpy(out_of_fold_distances(per_level, cfg.global_variance, folds=FOLDS,

@@ -192,6 +192,9 @@ def test_the_whole_image_term_needs_enough_images(textures) -> None:  # type: ig
     pixels, _ = load_split(root, "train", SIZE)
     report = detector.fit(TensorImages(pixels[:8]))
     assert report.info["global_term"] is False and detector.score_norm[4] == 0
+    tiny = registry.create("patchcore", {**FAST, "bank_limit": "1"})  # one bank row, from one of 2 images
+    tiny.fit(TensorImages(pixels[:2]))
+    assert torch.isfinite(tiny.score(to_float(pixels[8:10]), with_maps=False).image).all()
     images = to_float(pixels[8:12])
     local, _ = detector._patch_scores(detector.patch_features(images), detector.memory_bank)
     mean, spread = detector.score_norm[:2].tolist()
