@@ -64,8 +64,8 @@ class PatchCoreDetector(Detector):
         if config.global_weight > 0:
             self.global_gaussians = LevelGaussians(len(config.global_levels))
             # Mean and spread of the patch score, then of the whole-image distance, on unseen normal
-            # images, and the weight the whole-image term got (0 when the fit had too few images).
-            self.register_buffer("score_norm", torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+            # images. Unfitted Gaussians (too few training images) leave the whole-image term out.
+            self.register_buffer("score_norm", torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64))
 
     @classmethod
     def validate_config(cls, config: PatchCoreConfig) -> None:
@@ -167,13 +167,15 @@ class PatchCoreDetector(Detector):
             if others.shape[0]:  # a tiny bank may hold rows of this one image only
                 local.append(self._patch_scores(patches[image:image + 1], others)[0])
             progress.advance()
-        local_scores = torch.cat(local).double() if local else torch.zeros(0, dtype=torch.float64)
-        norm = [local_scores.mean().item(), _spread(local_scores), 0.0, 1.0, 0.0] if local else [0.0, 1.0, 0.0, 1.0, 0.0]
+        norm = [0.0, 1.0, 0.0, 1.0]
+        if local:
+            local_scores = torch.cat(local).double()
+            norm[:2] = [local_scores.mean().item(), _spread(local_scores)]
         used = count >= GLOBAL_MIN_IMAGES
         if used:
             distances = torch.from_numpy(out_of_fold_distances(per_level, cfg.global_variance, folds=FOLDS,
                                                                seed=cfg.seed))
-            norm[2:] = [distances.mean().item(), _spread(distances), cfg.global_weight]
+            norm[2:] = [distances.mean().item(), _spread(distances)]
             self.global_gaussians.fit(per_level, cfg.global_variance).to(self.device)
         self.score_norm = torch.tensor(norm, dtype=torch.float64, device=self.device)
         return used
@@ -200,10 +202,11 @@ class PatchCoreDetector(Detector):
         maps_by_level = self._backbone_maps(batch)
         image, grid = self._patch_scores(self._patch_features(maps_by_level), self.memory_bank)
         if self.config.global_weight > 0:
-            local_mean, local_spread, global_mean, global_spread, weight = self.score_norm.tolist()
+            local_mean, local_spread, global_mean, global_spread = self.score_norm.tolist()
             image = (image - local_mean) / local_spread
-            if weight > 0:
-                image = image + weight * (self.global_gaussians(self._pooled(maps_by_level)) - global_mean) / global_spread
+            if self.global_gaussians.fitted:
+                whole = self.global_gaussians(self._pooled(maps_by_level))
+                image = image + self.config.global_weight * (whole - global_mean) / global_spread
         maps = None
         if with_maps:
             maps = upsample_maps([grid], batch.shape[-2:])[0]

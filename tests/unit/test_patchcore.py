@@ -140,8 +140,9 @@ def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -
     times Eq. 7's weight of the patch there (score_sigma=0 is the paper's own s*), standardized and
     added to the standardized whole-image Mahalanobis distance of the pooled global levels."""
     detector, root = fitted
-    local_mean, local_spread, global_mean, global_spread, weight = detector.score_norm.tolist()
-    assert weight == 1.0 and local_spread > 0 and global_spread > 0
+    local_mean, local_spread, global_mean, global_spread = detector.score_norm.tolist()
+    weight = detector.config.global_weight
+    assert weight == 1.0 and detector.global_gaussians.fitted and local_spread > 0 and global_spread > 0
     pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:5])
     bank = detector.memory_bank
@@ -191,7 +192,7 @@ def test_the_whole_image_term_needs_enough_images(textures) -> None:  # type: ig
     detector = registry.create("patchcore", FAST)
     pixels, _ = load_split(root, "train", SIZE)
     report = detector.fit(TensorImages(pixels[:8]))
-    assert report.info["global_term"] is False and detector.score_norm[4] == 0
+    assert report.info["global_term"] is False and not detector.global_gaussians.fitted
     tiny = registry.create("patchcore", {**FAST, "bank_limit": "1"})  # one bank row, from one of 2 images
     tiny.fit(TensorImages(pixels[:2]))
     assert torch.isfinite(tiny.score(to_float(pixels[8:10]), with_maps=False).image).all()
