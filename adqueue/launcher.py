@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from adqueue.malloc_tuning import reexec_with_malloc_tuning
+    from adqueue.core.malloc_tuning import reexec_with_malloc_tuning
 
     reexec_with_malloc_tuning()
     from adqueue.cli import cli

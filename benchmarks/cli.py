@@ -51,8 +51,8 @@ def make_dump(folder: Path, count: int, per_folder: int = 10_000) -> None:
 
 def submit(env: dict[str, str], dump: Path) -> tuple[int, float, float]:
     """(job id, files/s from SQL, peak RSS in MiB of the submitting process)."""
-    from adqueue.config import Settings
-    from adqueue.service.context import Context
+    from adqueue.core.config import Settings
+    from adqueue.jobs.context import Context
     from adqueue.store.models import Job
 
     # Through a fresh Python whose only child is the CLI, so ru_maxrss covers that process alone.

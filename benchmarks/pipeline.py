@@ -28,11 +28,11 @@ from PIL import Image  # noqa: E402
 from adqueue.data.loader import batched, load_one, load_stream, stack_pixels, to_float  # noqa: E402
 from adqueue.data.sources import Item  # noqa: E402
 from adqueue.detectors import registry  # noqa: E402
-from adqueue.service.training import TensorImages  # noqa: E402
+from adqueue.pipeline.train import TensorImages  # noqa: E402
 from adqueue.store.migrate import ensure_schema  # noqa: E402
 from adqueue.store.models import Job, Result, utcnow  # noqa: E402
 from adqueue.store.session import Store  # noqa: E402
-from adqueue.store.writes import upsert_results  # noqa: E402
+from adqueue.store.transitions import upsert_results  # noqa: E402
 
 
 def make_images(folder: Path, count: int, size: int = 512) -> list[Item]:

@@ -28,14 +28,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from adqueue.cli.demo import build_dataset  # noqa: E402
-from adqueue.config import Settings  # noqa: E402
+from adqueue.core.config import Settings  # noqa: E402
 from adqueue.data.loader import load_stream, stack_pixels, to_float  # noqa: E402
 from adqueue.data.sources import open_source  # noqa: E402
-from adqueue.progress import NullProgress  # noqa: E402
-from adqueue.service.context import Context  # noqa: E402
-from adqueue.service.dispatch import InlineDispatcher, NullScoreProgress  # noqa: E402
-from adqueue.service.models import load_detector, resolve_model  # noqa: E402
-from adqueue.service.submit import submit_score, submit_train  # noqa: E402
+from adqueue.core.progress import NullProgress  # noqa: E402
+from adqueue.jobs.context import Context  # noqa: E402
+from adqueue.jobs.ports import InlineDispatcher, NullScoreProgress  # noqa: E402
+from adqueue.pipeline.model_files import load_detector, resolve_model  # noqa: E402
+from adqueue.jobs.submit import submit_score, submit_train  # noqa: E402
 
 
 def main() -> None:

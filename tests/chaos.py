@@ -23,8 +23,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
 from adqueue.store.models import Job, JobStatus, Result, Run, RunKind, RunOutcome, Shard, ShardStatus
 from tests.conftest import FAST_MVG, cli_env, run_cli
 from tests.servers import REPO, PostgresServer, RedisServer, Worker, create_database, wait_until
@@ -140,8 +140,8 @@ class ChaosDeployment:
     def submit_score(self, dump: Path, shard_size: int) -> int:
         """Submitted from this process, through the service the CLI calls: it returns the moment
         the shards are queued, so a scenario can watch the job from its very start."""
-        from adqueue.service.submit import submit_score
-        from workers.producer import CeleryDispatcher
+        from adqueue.jobs.submit import submit_score
+        from adqueue.workers.producer import CeleryDispatcher
 
         settings = Settings.load(data_dir=self.env["ADQUEUE_DATA_DIR"], database_url=self.env["ADQUEUE_DATABASE_URL"],
                                  broker_url=self.env["ADQUEUE_BROKER_URL"], queue=self.env["ADQUEUE_QUEUE"])
@@ -387,8 +387,8 @@ def embedded_sigterm_then_resume(d: ChaosDeployment, dump_source: Path) -> Outco
 
 
 def cancel_then_resume(d: ChaosDeployment, dump_source: Path) -> Outcome:
-    from adqueue.service.control import cancel_job, resume_job
-    from workers.producer import CeleryDispatcher
+    from adqueue.jobs.control import cancel_job, resume_job
+    from adqueue.workers.producer import CeleryDispatcher
 
     job, files = d.score_until(dump_source, 400, 40, lambda c: c.get("done", 0) >= 2 and c.get("running", 0) >= 1)
     fault = time.monotonic()

@@ -42,7 +42,7 @@ def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, list]:
     """uint8 pixels [N, 3, size, size] and the items of one split of an MVTec-style folder."""
     from adqueue.data.loader import load_stream, stack_pixels
     from adqueue.data.sources import open_source
-    from adqueue.detectors.base import Preprocess
+    from adqueue.data.preprocess import Preprocess
 
     items = list(open_source(root, split=split).items())
     return stack_pixels(list(load_stream(items, Preprocess(size, 3)))), items

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from adqueue.config import Settings
+from adqueue.core.config import Settings
 
 TASK_TRAIN = "adqueue.train"
 TASK_SCORE_SHARD = "adqueue.score_shard"
@@ -22,7 +22,7 @@ def make_app(settings: Settings, *, producer: bool = False) -> Celery:
     """The worker's app, or (`producer`) one that only sends and never becomes the current app."""
     if settings.broker_url is None:
         raise ValueError("a Celery app needs a broker URL (ADQUEUE_BROKER_URL or --broker)")
-    app = Celery("adqueue", broker=settings.broker_url, include=[] if producer else ["workers.tasks"],
+    app = Celery("adqueue", broker=settings.broker_url, include=[] if producer else ["adqueue.workers.tasks"],
                  set_as_current=not producer)
     app.conf.update(
         task_serializer="json",

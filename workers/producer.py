@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from adqueue.config import Settings
-from adqueue.errors import BrokerUnavailable
-from workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN, make_app
+from adqueue.core.config import Settings
+from adqueue.core.errors import BrokerUnavailable
+from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN, make_app
 
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3.0}
 _KINDS = {TASK_SCORE_SHARD: "shard", TASK_TRAIN: "train", TASK_FINISH: "finish"}

@@ -15,9 +15,9 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready
 
-from adqueue.service.reconcile import reconcile
-from workers.producer import CeleryDispatcher
-from workers.runtime import current_runtime
+from adqueue.jobs.reconcile import reconcile
+from adqueue.workers.producer import CeleryDispatcher
+from adqueue.workers.runtime import current_runtime
 
 log = logging.getLogger(__name__)
 

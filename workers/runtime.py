@@ -16,10 +16,10 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
-from adqueue.service.models import ModelCache, apply_torch_threads, resolve_device
-from workers.producer import CeleryDispatcher
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
+from adqueue.pipeline.model_files import ModelCache, apply_torch_threads, resolve_device
+from adqueue.workers.producer import CeleryDispatcher
 
 log = logging.getLogger(__name__)
 

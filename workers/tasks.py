@@ -6,11 +6,11 @@ import logging
 
 from celery import shared_task
 
-from adqueue.service.finishing import run_finish
-from adqueue.service.scoring import run_shard
-from adqueue.service.training import run_train_job
-from workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN
-from workers.runtime import current_runtime
+from adqueue.jobs.finishing import run_finish
+from adqueue.pipeline.score import run_shard
+from adqueue.pipeline.train import run_train_job
+from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN
+from adqueue.workers.runtime import current_runtime
 
 log = logging.getLogger(__name__)
 

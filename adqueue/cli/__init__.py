@@ -14,8 +14,8 @@ from typing import Any
 import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from adqueue.config import Settings
-from adqueue.errors import AdqueueError, Interrupted, JobStalled
+from adqueue.core.config import Settings
+from adqueue.core.errors import AdqueueError, Interrupted, JobStalled
 
 EPILOG = """\b
 Without --broker (or ADQUEUE_BROKER_URL) everything runs in this process

@@ -8,8 +8,8 @@ import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import info
-from adqueue.errors import ConfigError
-from adqueue.service.context import Context
+from adqueue.core.errors import ConfigError
+from adqueue.jobs.context import Context
 from adqueue.store.migrate import head_revision, upgrade
 from adqueue.store.session import Store
 
@@ -34,9 +34,9 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
     os.environ.update(settings.export_env())
     os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)
     os.environ["ADQUEUE_WORKER_QUEUES"] = queues or settings.queue
-    import workers.reconciler  # noqa: F401 - its signal handlers start the periodic reconciler
-    from workers.app import make_app
-    from workers.producer import check_broker
+    import adqueue.workers.reconciler  # noqa: F401 - its signal handlers start the periodic reconciler
+    from adqueue.workers.app import make_app
+    from adqueue.workers.producer import check_broker
 
     check_broker(settings.broker_url or "")
     app = make_app(settings)

@@ -7,7 +7,7 @@ import click
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
 from adqueue.cli.submit import device_option, report_job, run_with_dispatcher, wait_option
-from adqueue.service.context import Context
+from adqueue.jobs.context import Context
 
 
 @cli.command()
@@ -17,7 +17,7 @@ def cancel(ctx: click.Context, job_id: int) -> None:
     """Cancel JOB_ID: its queued shards never run, running ones stop at their next batch and write
     nothing, and the job ends `cancelled`. What was already scored stays; `adqueue resume JOB_ID`
     runs the rest later."""
-    from adqueue.service.control import cancel_job
+    from adqueue.jobs.control import cancel_job
 
     cancel_job(Context(settings_from(ctx)), job_id)
     info(f"job {job_id} cancelled; `adqueue resume {job_id}` runs what is left")
@@ -35,8 +35,8 @@ def resume(ctx: click.Context, job_id: int, device: str | None, wait: bool, fmt:
     an unfinished submission, a training, an evaluation's metrics. What is done stays done.
 
     With a broker the work goes to the workers; without one it runs in this process now."""
-    from adqueue.service.control import resume_job
-    from adqueue.service.submit import describe_job
+    from adqueue.jobs.control import resume_job
+    from adqueue.jobs.submit import describe_job
 
     def resume_and_describe(context: Context, dispatcher: object) -> object:
         resume_job(context, dispatcher, job_id)  # type: ignore[arg-type]
@@ -54,18 +54,18 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
     take back work whose lease expired, re-send messages the broker lost, end jobs whose shards
     are all closed, continue submissions whose submitter died. Without a broker it ends what it
     can and marks jobs whose process died for `adqueue resume`."""
-    from adqueue.service.reconcile import reconcile as reconcile_pass
+    from adqueue.jobs.reconcile import reconcile as reconcile_pass
 
     settings = settings_from(ctx)
     context = Context(settings)
     dispatchers: dict[str | None, object] = {}
     if settings.embedded:  # an evaluation whose process died after its last shard finishes here (torch-free)
-        from adqueue.progress import NullProgress
-        from adqueue.service.dispatch import InlineDispatcher, NullScoreProgress
+        from adqueue.core.progress import NullProgress
+        from adqueue.jobs.ports import InlineDispatcher, NullScoreProgress
 
         dispatchers[None] = InlineDispatcher(context, train_progress=NullProgress, score_progress=NullScoreProgress)
     else:
-        from workers.producer import CeleryDispatcher
+        from adqueue.workers.producer import CeleryDispatcher
 
         dispatchers[settings.queue] = CeleryDispatcher(settings)
     report = reconcile_pass(context, dispatchers, worker="adqueue-reconcile")  # type: ignore[arg-type]

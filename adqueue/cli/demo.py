@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from adqueue.artifacts import atomic_write_bytes
+from adqueue.core.datadir import atomic_write_bytes
 from adqueue.cli.output import emit_object, emit_rows, info
 from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
-from adqueue.config import Settings
-from adqueue.service.context import Context
-from adqueue.service.dispatch import make_dispatcher
-from adqueue.service.submit import submit_evaluate, submit_score, submit_train
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
+from adqueue.jobs.ports import make_dispatcher
+from adqueue.jobs.submit import submit_evaluate, submit_score, submit_train
 from adqueue.store.queries import job_metrics
 from adqueue.store.read_only_sql import run_read_only
 

@@ -6,8 +6,8 @@ import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, emit_rows, format_option
-from adqueue.errors import AdqueueError
-from adqueue.service.context import Context
+from adqueue.core.errors import AdqueueError
+from adqueue.jobs.context import Context
 from adqueue.store import queries
 
 
@@ -129,7 +129,7 @@ def detectors(name: str | None, fmt: str) -> None:
     import dataclasses
 
     from adqueue.detectors import registry
-    from adqueue.service.train_settings import TRAIN_KEYS
+    from adqueue.jobs.train_settings import TRAIN_KEYS
 
     rows = []
     for detector in [name] if name else registry.names():

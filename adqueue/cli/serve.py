@@ -8,8 +8,8 @@ import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import info
-from adqueue.errors import ConfigError
-from adqueue.service.context import Context
+from adqueue.core.errors import ConfigError
+from adqueue.jobs.context import Context
 
 
 def is_loopback(host: str) -> bool:

@@ -15,13 +15,13 @@ from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
 from adqueue.data.sources import SPLITS
 from adqueue.detectors import registry
-from adqueue.errors import AdqueueError
-from adqueue.service.context import Context
+from adqueue.core.errors import AdqueueError
+from adqueue.jobs.context import Context
 from adqueue.store.queries import job_metrics, job_summary, model_warnings
 
 if TYPE_CHECKING:
     from adqueue.cli.progress import ScoreBar, TrainBar
-    from adqueue.service.submit import Submitted
+    from adqueue.jobs.submit import Submitted
 
 wait_option = click.option("--wait", is_flag=True, help="Show progress until the job ends; exit 1 if it "
                            "failed or was cancelled, 3 if nothing moved for ADQUEUE_STALL_TIMEOUT seconds with "
@@ -64,7 +64,7 @@ def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> 
 
         return ScoreBar()
 
-    from adqueue.service.dispatch import make_dispatcher, signals_interrupt
+    from adqueue.jobs.ports import make_dispatcher, signals_interrupt
 
     dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=score_bar)
     try:
@@ -83,7 +83,7 @@ def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> 
 def _heal_embedded(context: Context) -> None:
     """No worker runs a reconciler on the embedded default: each run does one pass first, so a
     job whose process was killed (its lease expired) is marked for `resume`, not left `running`."""
-    from adqueue.service.reconcile import reconcile
+    from adqueue.jobs.reconcile import reconcile
 
     report = reconcile(context, {}, worker="adqueue-cli")
     if report.embedded_stopped:
@@ -161,7 +161,7 @@ def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> Non
 def train(ctx: click.Context, detector: str, data: str, name: str, backbone: str | None, pairs: tuple[str, ...],
           split: str | None, device: str | None, wait: bool, fmt: str) -> None:
     """Train a detector on defect-free images and register it as a new model version."""
-    from adqueue.service.submit import submit_train  # the write side: only for the verbs that write
+    from adqueue.jobs.submit import submit_train  # the write side: only for the verbs that write
 
     settings = _parse_settings(pairs, backbone)
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_train(
@@ -187,7 +187,7 @@ def score(ctx: click.Context, path: str, model: str, split: str | None, shard_si
     """Score every file under PATH (a folder, MVTec root or manifest CSV) with a trained model.
 
     Files that are not decodable images get a result row with an error; the job goes on."""
-    from adqueue.service.submit import submit_score
+    from adqueue.jobs.submit import submit_score
 
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_score(
         c, d, model=model, data=path, split=split, shard_size=shard_size, heatmaps=heatmaps,
@@ -210,7 +210,7 @@ def evaluate(ctx: click.Context, model: str, data: str, split: str, shard_size: 
              device: str | None, wait: bool, fmt: str) -> None:
     """Score a labeled test set and store image AUROC (per defect type too), pixel AUROC and PRO
     where masks exist, and the false-alarm rate and recall at the model's threshold."""
-    from adqueue.service.submit import submit_evaluate
+    from adqueue.jobs.submit import submit_evaluate
 
     context, submitted = run_with_dispatcher(ctx, device, lambda c, d: submit_evaluate(
         c, d, model=model, data=data, split=split, shard_size=shard_size, heatmaps=heatmaps))

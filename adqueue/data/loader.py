@@ -18,8 +18,8 @@ import torch
 from adqueue.data.io import DEFAULT_MAX_BYTES, DecodedImage, read_image
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
-from adqueue.detectors.base import Preprocess
-from adqueue.errors import ImageError
+from adqueue.data.preprocess import Preprocess
+from adqueue.core.errors import ImageError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from itertools import islice
 from pathlib import Path
 
 from adqueue.data.paths import to_os, to_text
-from adqueue.errors import SourceError
+from adqueue.core.errors import SourceError
 
 SPLITS = ("train", "test")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")

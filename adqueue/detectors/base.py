@@ -23,20 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from adqueue.metrics import calibrate_threshold
-from adqueue.progress import Progress
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an image file becomes the detector's input: square resize and channel count."""
-
-    size: int
-    channels: int  # 1 (grey) or 3 (RGB); grey files are replicated to 3 channels when 3
-
-    @property
-    def size_wh(self) -> tuple[int, int]:
-        return (self.size, self.size)
+from adqueue.data.preprocess import Preprocess
+from adqueue.detectors.components.thresholds import calibrate_threshold
+from adqueue.core.progress import Progress
 
 
 @dataclass

@@ -17,19 +17,19 @@ if TYPE_CHECKING:
     from adqueue.detectors.base import Detector
 
 _DETECTORS: dict[str, str] = {
-    "mvg": "adqueue.detectors.mvg:MVGDetector",
-    "ebm": "adqueue.detectors.ebm:EBMDetector",
-    "differnet": "adqueue.detectors.differnet:DifferNetDetector",
-    "encoder_flow": "adqueue.detectors.encoder_flow:EncoderFlowDetector",
-    "patchcore": "adqueue.detectors.patchcore:PatchCoreDetector",
+    "mvg": "adqueue.detectors.mvg.model:MVGDetector",
+    "ebm": "adqueue.detectors.ebm.model:EBMDetector",
+    "differnet": "adqueue.detectors.differnet.model:DifferNetDetector",
+    "encoder_flow": "adqueue.detectors.encoder_flow.model:EncoderFlowDetector",
+    "patchcore": "adqueue.detectors.patchcore.model:PatchCoreDetector",
 }
 # Each detector's torch-free settings module: its Config dataclass and `validate(config)`.
 _CONFIGS: dict[str, str] = {
-    "mvg": "adqueue.detectors.configs.mvg:MVGConfig",
-    "ebm": "adqueue.detectors.configs.ebm:EBMConfig",
-    "differnet": "adqueue.detectors.configs.differnet:DifferNetConfig",
-    "encoder_flow": "adqueue.detectors.configs.encoder_flow:EncoderFlowConfig",
-    "patchcore": "adqueue.detectors.configs.patchcore:PatchCoreConfig",
+    "mvg": "adqueue.detectors.mvg.config:MVGConfig",
+    "ebm": "adqueue.detectors.ebm.config:EBMConfig",
+    "differnet": "adqueue.detectors.differnet.config:DifferNetConfig",
+    "encoder_flow": "adqueue.detectors.encoder_flow.config:EncoderFlowConfig",
+    "patchcore": "adqueue.detectors.patchcore.config:PatchCoreConfig",
 }
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from adqueue.store.session import Store
-from migrations import LOCATION
+from adqueue.migrations import LOCATION
 
 if TYPE_CHECKING:
     from alembic.config import Config

@@ -7,7 +7,8 @@ never rename. Every change goes through an Alembic revision in migrations/versio
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum, nonmember
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -22,7 +23,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -40,15 +43,14 @@ class Base(DeclarativeBase):
     }
 
 
-class JobKind:
+class JobKind(StrEnum):
     TRAIN = "train"
     SCORE = "score"
     EVALUATE = "evaluate"
-    ALL = (TRAIN, SCORE, EVALUATE)
 
 
-class JobStatus:
-    """The job states; store/writes.py holds every transition between them."""
+class JobStatus(StrEnum):
+    """The job states; store/transitions.py holds every transition between them."""
 
     SUBMITTING = "submitting"  # shards are still being written under the submitter's lease
     QUEUED = "queued"
@@ -57,21 +59,21 @@ class JobStatus:
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    ACTIVE = (SUBMITTING, QUEUED, RUNNING, FINISHING)
-    ENDED = (DONE, FAILED, CANCELLED)
+    ACTIVE = nonmember((SUBMITTING, QUEUED, RUNNING, FINISHING))
+    ENDED = nonmember((DONE, FAILED, CANCELLED))
 
 
-class ShardStatus:
+class ShardStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"  # held by the run in shards.run_id until shards.lease_expires_at
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    OPEN = (QUEUED, RUNNING)
-    REOPENABLE = (FAILED, CANCELLED)
+    OPEN = nonmember((QUEUED, RUNNING))
+    REOPENABLE = nonmember((FAILED, CANCELLED))
 
 
-class RunKind:
+class RunKind(StrEnum):
     """What a run holds a lease on: a shard, or a job's training, finishing or submission."""
 
     SHARD = "shard"
@@ -80,7 +82,9 @@ class RunKind:
     SUBMIT = "submit"
 
 
-class RunOutcome:
+class RunOutcome(StrEnum):
+    """How a run ended, as `runs.outcome` records it."""
+
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -89,6 +93,34 @@ class RunOutcome:
     EXPIRED = "expired"  # its lease ran out (the worker died or hung); the reconciler took it back
     LOST = "lost"  # it found its lease gone (expired and taken over, or cancelled) and wrote nothing
     CANCELLED = "cancelled"
+
+
+class ReviewVerdict(StrEnum):
+    """What a person said about a flagged image in the morning review (`adqueue serve`)."""
+
+    DEFECT = "defect"
+    FALSE_ALARM = "false_alarm"
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A state column: plain text in SQL (people query it as such), the enum in Python. Writing a
+    value that is not one of the enum's is refused before it reaches the database."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int = 20) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 class Model(Base):
@@ -113,8 +145,8 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_status", "status"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20), default=JobStatus.SUBMITTING)
+    kind: Mapped[JobKind] = mapped_column(EnumText(JobKind))
+    status: Mapped[JobStatus] = mapped_column(EnumText(JobStatus), default=JobStatus.SUBMITTING)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     source: Mapped[str] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -152,7 +184,7 @@ class Shard(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     seq: Mapped[int]
-    status: Mapped[str] = mapped_column(String(20), default=ShardStatus.QUEUED)
+    status: Mapped[ShardStatus] = mapped_column(EnumText(ShardStatus), default=ShardStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     n_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -176,11 +208,11 @@ class Run(Base):
     __table_args__ = (Index("ix_runs_job", "job_id"), Index("ix_runs_shard", "shard_id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[RunKind] = mapped_column(EnumText(RunKind))
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     shard_id: Mapped[int | None] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(200))
-    outcome: Mapped[str] = mapped_column(String(20), default=RunOutcome.RUNNING)
+    outcome: Mapped[RunOutcome] = mapped_column(EnumText(RunOutcome), default=RunOutcome.RUNNING)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
@@ -230,14 +262,6 @@ class Metric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class ReviewVerdict:
-    """What a person said about a flagged image in the morning review (`adqueue serve`)."""
-
-    DEFECT = "defect"
-    FALSE_ALARM = "false_alarm"
-    ALL = (DEFECT, FALSE_ALARM)
-
-
 class Review(Base):
     """One verdict on one result; a result may be reviewed again, and its latest verdict counts."""
 
@@ -246,6 +270,6 @@ class Review(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("results.id", ondelete="CASCADE"))
-    verdict: Mapped[str] = mapped_column(String(20))
+    verdict: Mapped[ReviewVerdict] = mapped_column(EnumText(ReviewVerdict))
     reviewer: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,5 @@
-"""The read side for the CLI: job summaries, results, models, metrics, leases held."""
+"""The read side for the CLI and the submitters: model references, job summaries, results, models,
+metrics, leases held."""
 
 from __future__ import annotations
 
@@ -8,8 +9,39 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from adqueue.errors import JobNotFound
+from adqueue.core.errors import JobNotFound, ModelNotFound
 from adqueue.store.models import Job, JobStatus, Metric, Model, Result, Shard, ShardStatus
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    name, sep, version = ref.partition(":")
+    if not name:
+        raise ModelNotFound(f"invalid model reference {ref!r}: use NAME or NAME:VERSION")
+    if not sep:
+        return name, None
+    try:
+        return name, int(version.lstrip("v"))
+    except ValueError:
+        raise ModelNotFound(f"invalid model version in {ref!r}: use NAME:VERSION, e.g. {name}:1") from None
+
+
+def resolve_model(session: Session, ref: str) -> Model:
+    """The model row for `NAME` (latest version) or `NAME:VERSION`."""
+    name, version = parse_ref(ref)
+    query = select(Model).where(Model.name == name)
+    query = query.where(Model.version == version) if version is not None else query.order_by(Model.version.desc())
+    model = session.scalars(query.limit(1)).first()
+    if model is None:
+        known = session.scalars(select(Model.name).distinct().order_by(Model.name)).all()
+        hint = f"; known models: {', '.join(known)}" if known else "; no model has been trained yet"
+        what = f"{name}:{version}" if version is not None else name
+        raise ModelNotFound(f"no model {what}{hint}")
+    return model
+
+
+def next_version(session: Session, name: str) -> int:
+    current = session.scalar(select(func.max(Model.version)).where(Model.name == name))
+    return (current or 0) + 1
 
 
 def job_summary(session: Session, job_id: int) -> dict[str, Any]:

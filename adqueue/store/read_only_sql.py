@@ -14,8 +14,8 @@ from sqlparse.engine import FilterStack
 from sqlparse.exceptions import SQLParseError
 from sqlparse.sql import Statement, Token
 
-from adqueue.config import DEFAULT_SQL_MAX_ROWS, DEFAULT_SQL_TIMEOUT_S
-from adqueue.errors import AdqueueError, ReadOnlyViolation
+from adqueue.core.config import DEFAULT_SQL_MAX_ROWS, DEFAULT_SQL_TIMEOUT_S
+from adqueue.core.errors import AdqueueError, ReadOnlyViolation
 from adqueue.store.session import make_engine
 
 _READ_VERBS = frozenset({"SELECT", "WITH", "EXPLAIN", "VALUES", "SHOW", "TABLE"})

@@ -10,7 +10,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
-from adqueue.store.writes import last_activity
+from adqueue.store.transitions import last_activity
 
 
 def _sent_before(column: Any, cutoff: datetime | None) -> Any:

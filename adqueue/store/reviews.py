@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adqueue.errors import AdqueueError
+from adqueue.core.errors import AdqueueError
 from adqueue.store.models import Result, Review, ReviewVerdict
 
 MAX_REVIEWER_CHARS = 200  # the column's width
@@ -28,8 +28,8 @@ def clean_reviewer(name: str | None) -> str:
 
 def record_review(session: Session, result_id: int, verdict: str, reviewer: str | None) -> Review:
     """Add one verdict on result `result_id` and return the new row (flushed: it has its id)."""
-    if verdict not in ReviewVerdict.ALL:
-        raise ReviewError(f"unknown verdict {verdict!r}: use one of {', '.join(ReviewVerdict.ALL)}")
+    if verdict not in set(ReviewVerdict):
+        raise ReviewError(f"unknown verdict {verdict!r}: use one of {', '.join(ReviewVerdict)}")
     if session.scalar(select(Result.id).where(Result.id == result_id)) is None:
         raise ReviewError(f"no result {result_id}")
     review = Review(result_id=result_id, verdict=verdict, reviewer=clean_reviewer(reviewer))

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adqueue.errors import ConfigError
+from adqueue.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 60_000

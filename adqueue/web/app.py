@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from adqueue.service.context import Context
+from adqueue.jobs.context import Context
 from adqueue.store import web_queries as q
 from adqueue.web import pages
 from adqueue.web.auth import Guard

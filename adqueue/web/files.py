@@ -15,10 +15,10 @@ import hashlib
 import os
 import stat
 
-from adqueue.artifacts import DataDir
+from adqueue.core.datadir import DataDir
 from adqueue.data.formats import image_format
 from adqueue.data.paths import to_os
-from adqueue.errors import AdqueueError
+from adqueue.core.errors import AdqueueError
 
 HEATMAP_FOLDER = "heatmaps"  # where DataDir.heatmap_file writes every heat map
 

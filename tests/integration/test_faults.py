@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
 from adqueue.store.models import Model, Run, Shard
 from tests.conftest import FAST_MVG, run_cli, run_json
 from tests.integration.conftest import Deployment, make_deployment

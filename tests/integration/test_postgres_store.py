@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from adqueue.cli import cli
-from adqueue.errors import AdqueueError, ReadOnlyViolation
+from adqueue.core.errors import AdqueueError, ReadOnlyViolation
 from adqueue.store import read_only_sql as queries
 from adqueue.store.migrate import ensure_schema, head_revision
 from adqueue.store.models import Base

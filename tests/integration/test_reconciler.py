@@ -14,16 +14,16 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
-from adqueue.service.control import cancel_job
-from adqueue.service.reconcile import reconcile
-from adqueue.service.submit import submit_score
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
+from adqueue.jobs.control import cancel_job
+from adqueue.jobs.reconcile import reconcile
+from adqueue.jobs.submit import submit_score
 from adqueue.store.models import Job, JobStatus, Run, Shard
 from tests.conftest import FAST_MVG, run_cli, run_json
 from tests.integration.conftest import database_for, make_deployment
 from tests.servers import wait_until
-from workers.producer import CeleryDispatcher
+from adqueue.workers.producer import CeleryDispatcher
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from adqueue.config import sqlite_url
+from adqueue.core.config import sqlite_url
 from adqueue.store.models import Result, Review
 from adqueue.store.session import Store
 from tests.conftest import FAST_MVG, REPO, cli_env, invoke_cli

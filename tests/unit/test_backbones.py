@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from adqueue.detectors.components.backbones import check_levels, load_backbone
-from adqueue.errors import BackboneUnavailable
+from adqueue.core.errors import BackboneUnavailable
 
 
 @pytest.fixture(scope="module")

@@ -139,8 +139,8 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run() -> None:
     import os
     import signal
 
-    from adqueue.errors import Interrupted
-    from adqueue.service.dispatch import raise_if_signalled, signals_interrupt
+    from adqueue.core.errors import Interrupted
+    from adqueue.jobs.ports import raise_if_signalled, signals_interrupt
 
     with signals_interrupt():
         raise_if_signalled()  # nothing received yet

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from adqueue.config import Settings
-from adqueue.errors import ConfigError
+from adqueue.core.config import Settings
+from adqueue.core.errors import ConfigError
 
 
 def test_defaults_are_embedded_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

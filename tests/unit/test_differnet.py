@@ -8,9 +8,9 @@ import torch
 from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.components.augment import evenly_spread_transforms, rotate
-from adqueue.detectors.differnet import DifferNetDetector
-from adqueue.metrics import image_auroc, pixel_auroc
-from adqueue.service.training import TensorImages
+from adqueue.detectors.differnet.model import DifferNetDetector
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
+from adqueue.pipeline.train import TensorImages
 from tests.conftest import load_split, split_masks
 
 SIZE = 128

@@ -8,9 +8,9 @@ import safetensors.torch
 import torch
 
 from adqueue.detectors import registry
-from adqueue.detectors.ebm import EBMDetector
-from adqueue.metrics import image_auroc, pixel_auroc
-from adqueue.service.training import TensorImages
+from adqueue.detectors.ebm.model import EBMDetector
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
+from adqueue.pipeline.train import TensorImages
 
 SIZE = 32
 # A small net, short chains and few updates: the shape of the default training, at test speed.

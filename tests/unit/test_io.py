@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from adqueue.data.io import read_image, read_mask
-from adqueue.errors import ImageError
+from adqueue.core.errors import ImageError
 
 
 def _save(path: Path, array: np.ndarray, fmt: str, **kwargs: object) -> Path:

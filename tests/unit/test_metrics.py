@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from adqueue.metrics import calibrate_threshold, image_auroc, pixel_auroc, pro_curve, pro_score, rates_at_threshold
+from adqueue.detectors.components.thresholds import calibrate_threshold
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc, pro_curve, pro_score, rates_at_threshold
 
 
 def test_image_auroc_perfect_inverted_and_one_class() -> None:
@@ -96,9 +97,9 @@ def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # ty
 
 def test_stored_maps_keep_the_order_of_values_past_float16s_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """differnet's NLL gradients reach 1e5-1e6: stored maps must still rank the defect above the rest."""
-    from adqueue.progress import NullProgress
-    from adqueue.service.evaluation import _pixel_metrics
-    from adqueue.service.scoring import eval_maps_bytes, kept_map
+    from adqueue.core.progress import NullProgress
+    from adqueue.pipeline.evaluate import _pixel_metrics
+    from adqueue.pipeline.score import eval_maps_bytes, kept_map
 
     side = 16
     mask = np.zeros((side, side), dtype=bool)

@@ -14,9 +14,9 @@ import torch
 from click.testing import Result
 from safetensors.torch import load_file, save_file
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
-from adqueue.service.models import file_sha256
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
+from adqueue.pipeline.model_files import file_sha256
 from adqueue.store.models import Model
 from tests.conftest import FAST_MVG, invoke_cli
 

@@ -5,19 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from adqueue.artifacts import load_model, save_model
-from adqueue.config import Settings
+from adqueue.core.datadir import load_model, save_model
+from adqueue.core.config import Settings
 from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.components.backbone_specs import default_levels
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset, random_projection
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
-from adqueue.detectors.patchcore import PatchCoreDetector, isolation_weights
-from adqueue.metrics import image_auroc, pixel_auroc
-from adqueue.service.context import Context
-from adqueue.service.models import load_detector, save_detector
-from adqueue.service.training import TensorImages
+from adqueue.detectors.patchcore.model import PatchCoreDetector, isolation_weights
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
+from adqueue.jobs.context import Context
+from adqueue.pipeline.model_files import load_detector, save_detector
+from adqueue.pipeline.train import TensorImages
 from adqueue.store.models import Model
 from tests.conftest import load_split, split_masks
 

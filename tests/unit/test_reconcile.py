@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adqueue.config import Settings
-from adqueue.service.context import Context
-from adqueue.service.reconcile import reconcile
+from adqueue.core.config import Settings
+from adqueue.jobs.context import Context
+from adqueue.jobs.reconcile import reconcile
 from adqueue.store.models import Job, JobStatus, Result, Run, Shard, utcnow
-from adqueue.store.writes import complete_shard
+from adqueue.store.transitions import complete_shard
 from tests.unit.test_store import LEASE, claim, job_with_shards
 
 
@@ -83,7 +83,7 @@ def test_an_embedded_job_whose_process_died_is_marked_for_resume(ctx: Context) -
 def test_an_embedded_job_resumed_long_after_it_stopped_is_not_stopped_again(ctx: Context) -> None:
     """`resume` reopens the job, then its process starts (imports, model) before claiming a shard:
     a reconciler passing in between must not take the reopened job for the long-dead one."""
-    from adqueue.store.writes import reopen_job
+    from adqueue.store.transitions import reopen_job
 
     job_id, (a, _) = job_with_shards(ctx.store)
     with ctx.store.session() as session:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adqueue.data.synthetic_defects import KINDS
-from adqueue.service.self_check import LOW_AUROC, MIN_DEFECTED, SelfCheck
+from adqueue.pipeline.self_check import LOW_AUROC, MIN_DEFECTED, SelfCheck
 from tests.conftest import FAST_MVG, datasets_or_skip, invoke_cli
 
 NAMES = {"synthetic_auroc", *(f"synthetic_auroc.{kind}" for kind in KINDS)}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adqueue.data.sources import Item, open_source
-from adqueue.errors import SourceError
+from adqueue.core.errors import SourceError
 from tests.conftest import datasets_or_skip
 
 

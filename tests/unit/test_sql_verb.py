@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy.exc import DBAPIError
 
 from adqueue.cli import cli
-from adqueue.errors import AdqueueError, ReadOnlyViolation
+from adqueue.core.errors import AdqueueError, ReadOnlyViolation
 from adqueue.store import read_only_sql as queries
 from adqueue.store.session import make_engine
 from tests.conftest import invoke_cli

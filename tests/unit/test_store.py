@@ -28,7 +28,7 @@ from adqueue.store.models import (
     utcnow,
 )
 from adqueue.store.session import Store
-from adqueue.store.writes import (
+from adqueue.store.transitions import (
     ClaimedShard,
     claim_shard,
     close_if_complete,

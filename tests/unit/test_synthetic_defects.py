@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adqueue.data.synthetic_defects import KINDS, paint
-from adqueue.service.self_check import MAX_DEFECTED, MIN_DEFECTED, _auroc, defect_plan
+from adqueue.pipeline.self_check import MAX_DEFECTED, MIN_DEFECTED, _auroc, defect_plan
 
 
 def images(n: int = 4, size: int = 96, channels: int = 3, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import Result
 
-from adqueue.errors import AdqueueError
-from adqueue.metrics import calibrate_threshold, gaussian_bound
-from adqueue.service.training import (
+from adqueue.core.errors import AdqueueError
+from adqueue.detectors.components.thresholds import calibrate_threshold, gaussian_bound
+from adqueue.pipeline.train import (
     MIN_CALIB_IMAGES,
     Calibration,
     calibration_warnings,

@@ -23,8 +23,8 @@ from alembic.runtime.migration import MigrationContext
 from scipy.stats import ks_2samp
 from sqlalchemy import func, select, update
 
-from adqueue.config import Settings, sqlite_url
-from adqueue.service.context import Context
+from adqueue.core.config import Settings, sqlite_url
+from adqueue.jobs.context import Context
 from adqueue.store import web_queries
 from adqueue.store.models import (
     Base,

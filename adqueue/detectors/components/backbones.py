@@ -11,7 +11,6 @@ weights cannot be found raises BackboneUnavailable. There is no silent random in
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -24,7 +23,8 @@ from torch import Tensor, nn
 
 # The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
 from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
-from adqueue.errors import BackboneUnavailable
+from adqueue.core.errors import BackboneUnavailable
+from adqueue.core.hashing import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -211,11 +211,7 @@ def _load_state(path: Path) -> dict[str, Tensor]:
 
 @cache
 def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adqueue.progress import NullProgress, Progress
+from adqueue.core.progress import NullProgress, Progress
 
 
 class SoftClamp:

@@ -1,0 +1,33 @@
+"""The handle every service function takes: settings, the database, the data dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from adqueue.core.datadir import DataDir
+from adqueue.core.config import Settings
+from adqueue.store.migrate import ensure_schema
+from adqueue.store.session import Store
+
+
+@dataclass
+class Context:
+    settings: Settings
+    _schema_checked: bool = field(default=False, repr=False)
+
+    @cached_property
+    def store(self) -> Store:
+        store = Store(self.settings.database_url)
+        store.check_reachable()
+        ensure_schema(store)
+        return store
+
+    @cached_property
+    def data_dir(self) -> DataDir:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return DataDir(self.settings.data_dir)
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.engine.dispose()

@@ -1,0 +1,143 @@
+"""Metrics of an evaluate job, from its result rows and the anomaly maps its shards saved."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from adqueue.data.io import read_mask
+from adqueue.data.paths import to_os
+from adqueue.core.errors import ImageError
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc, pro_score, rates_at_threshold
+from adqueue.core.progress import NullProgress, Progress
+from adqueue.jobs.context import Context
+from adqueue.store.models import Job, Model, Result, Shard, ShardStatus
+
+log = logging.getLogger(__name__)
+
+# Pixel metrics hold every map pixel at once; past this budget the maps (and masks) are strided
+# down by a common factor, which keeps memory bounded for very large evaluation sets.
+PIXEL_BUDGET = 40_000_000
+
+
+def compute_job_metrics(ctx: Context, job_id: int, progress: Progress | None = None) -> dict[str, float]:
+    """From scratch, every time: a second run computes exactly what the first would have."""
+    progress = progress or NullProgress()
+    with ctx.store.session() as session:
+        job = session.get_one(Job, job_id)
+        model = session.get_one(Model, job.model_id)
+        threshold = model.threshold
+        rows = session.execute(
+            select(Result.path, Result.label, Result.defect, Result.score, Result.scores)
+            .where(Result.job_id == job_id, Result.score.is_not(None), Result.label.is_not(None))
+            .order_by(Result.path)
+        ).all()
+        masks = {
+            item[0]: item[3]
+            for (items,) in session.execute(select(Shard.items).where(Shard.job_id == job_id))
+            for item in items
+        }
+        # The maps of the run that closed each shard; a copy that lost its lease left others.
+        map_files = [
+            ctx.data_dir.eval_maps_file(job_id, seq, run_id)
+            for seq, run_id in session.execute(
+                select(Shard.seq, Shard.run_id).where(Shard.job_id == job_id, Shard.status == ShardStatus.DONE)
+                .order_by(Shard.seq))
+        ]
+    labels = np.array([row.label for row in rows], dtype=int)
+    scores = np.array([row.score for row in rows], dtype=np.float64)
+    metrics: dict[str, float] = {
+        "n_images": float(len(rows)),
+        "n_normal": float((labels == 0).sum()),
+        "n_defective": float((labels == 1).sum()),
+    }
+    _put(metrics, "image_auroc", image_auroc(labels, scores))
+    for name, values in _extra_scores(rows).items():
+        _put(metrics, f"image_auroc.{name}", image_auroc(labels, values))
+    by_defect: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        if row.label == 1:
+            by_defect[row.defect or "defective"].append(index)
+    normal = np.flatnonzero(labels == 0)
+    for defect, indices in sorted(by_defect.items()):
+        picked = np.concatenate([normal, np.array(indices)])
+        _put(metrics, f"image_auroc[{defect}]", image_auroc(labels[picked], scores[picked]))
+    if threshold is not None:
+        metrics["threshold"] = float(threshold)
+        rates = rates_at_threshold(labels, scores, threshold)
+        _put(metrics, "false_alarm_rate", rates.false_alarm_rate)
+        _put(metrics, "recall", rates.recall)
+    metrics.update(_pixel_metrics(map_files, {row.path: row.label for row in rows}, masks, progress))
+    return metrics
+
+
+def _put(metrics: dict[str, float], name: str, value: float | None) -> None:
+    if value is not None:
+        metrics[name] = float(value)
+
+
+def _extra_scores(rows: list) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+    names = sorted({name for row in rows for name in (row.scores or {})})
+    return {
+        name: np.array([(row.scores or {}).get(name, np.nan) for row in rows], dtype=np.float64)
+        for name in names
+        if all(name in (row.scores or {}) for row in rows)
+    }
+
+
+def _pixel_metrics(
+    files: list[Path], labels: dict[str, int], masks: dict[str, str | None], progress: Progress
+) -> dict[str, float]:
+    """Pixel AUROC and PRO over images whose ground truth is known (normal, or with a mask)."""
+    maps_list: list[np.ndarray] = []
+    masks_list: list[np.ndarray] = []
+    files = [file for file in files if file.is_file()]
+    stride = _stride(files)
+    unreadable = 0
+    progress.phase("reading anomaly maps", len(files))
+    for file in files:
+        progress.advance()
+        with np.load(file) as saved:
+            for path, amap in zip(saved["paths"], saved["maps"][:, ::stride, ::stride], strict=True):
+                path = str(path)
+                label = labels.get(path)
+                mask_path = masks.get(path)
+                if label is None or (label == 1 and not mask_path):
+                    continue
+                size = (amap.shape[1], amap.shape[0])
+                if label == 1 and mask_path:
+                    try:
+                        truth = read_mask(to_os(mask_path), size)
+                    except ImageError as exc:  # one bad mask leaves one image out, not the job failed
+                        log.warning("%s; its image is left out of the pixel metrics", exc)
+                        unreadable += 1
+                        continue
+                elif label == 0:
+                    truth = np.zeros(amap.shape, dtype=bool)
+                else:
+                    continue
+                maps_list.append(amap.astype(np.float32))
+                masks_list.append(truth)
+    out: dict[str, float] = {"n_unreadable_masks": float(unreadable)} if unreadable else {}
+    if not maps_list or not any(mask.any() for mask in masks_list):
+        return out
+    maps = np.stack(maps_list)
+    truths = np.stack(masks_list)
+    progress.phase("pixel metrics", 1)
+    out["n_pixel_images"] = float(len(maps_list))
+    _put(out, "pixel_auroc", pixel_auroc(maps, truths))
+    _put(out, "pro", pro_score(maps, truths))
+    return out
+
+
+def _stride(files: list[Path]) -> int:
+    pixels = 0
+    for file in files:
+        with np.load(file) as saved:
+            count, height, width = (int(v) for v in saved["shape"])  # reads no map data
+            pixels += count * height * width
+    return max(1, int(np.ceil(np.sqrt(pixels / PIXEL_BUDGET))))
