@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from adqueue.cli.demo import build_dataset  # noqa: E402
-from tests.chaos import (  # noqa: E402
+from adqueue.cli.demo import build_dataset
+from harness.chaos import (
     BOUND_S,
     INTERVAL_S,
     LEASE_S,
@@ -34,7 +33,7 @@ from tests.chaos import (  # noqa: E402
     ChaosDeployment,
     Outcome,
 )
-from tests.servers import PostgresServer  # noqa: E402
+from harness.servers import PostgresServer
 
 
 def run(database: str, scenarios: list[str], folder: Path, root: Path, dump: Path) -> list[Outcome]:

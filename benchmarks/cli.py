@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.servers import redis_server  # noqa: E402
+from harness.servers import redis_server
 
 
 def adqueue(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

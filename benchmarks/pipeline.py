@@ -19,20 +19,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from adqueue.data.loader import batched, load_one, load_stream, stack_pixels, to_float  # noqa: E402
-from adqueue.data.sources import Item  # noqa: E402
-from adqueue.detectors import registry  # noqa: E402
-from adqueue.pipeline.train import TensorImages  # noqa: E402
-from adqueue.store.migrate import ensure_schema  # noqa: E402
-from adqueue.store.models import Job, Result, utcnow  # noqa: E402
-from adqueue.store.session import Store  # noqa: E402
-from adqueue.store.transitions import upsert_results  # noqa: E402
+from adqueue.core.clock import utcnow
+from adqueue.data.loader import batched, load_one, load_stream, stack_pixels, to_float
+from adqueue.data.sources import Item
+from adqueue.detectors import registry
+from adqueue.pipeline.images import TensorImages
+from adqueue.store.migrate import ensure_schema
+from adqueue.store.models import Job, Result
+from adqueue.store.session import Store
+from adqueue.store.results import upsert_results
 
 
 def make_images(folder: Path, count: int, size: int = 512) -> list[Item]:
@@ -148,7 +148,7 @@ def main() -> None:
         urls = [f"sqlite:///{root / 'sql.db'}"]
         server = None
         if args.postgres:
-            from tests.servers import create_database, postgres_server
+            from harness.servers import create_database, postgres_server
 
             server = postgres_server()
             urls.append(create_database(server.__enter__(), "bench"))

@@ -23,19 +23,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from adqueue.cli.demo import build_dataset  # noqa: E402
-from adqueue.core.config import Settings  # noqa: E402
-from adqueue.data.loader import load_stream, stack_pixels, to_float  # noqa: E402
-from adqueue.data.sources import open_source  # noqa: E402
-from adqueue.core.progress import NullProgress  # noqa: E402
-from adqueue.jobs.context import Context  # noqa: E402
-from adqueue.jobs.ports import InlineDispatcher, NullScoreProgress  # noqa: E402
-from adqueue.pipeline.model_files import load_detector, resolve_model  # noqa: E402
-from adqueue.jobs.submit import submit_score, submit_train  # noqa: E402
+from adqueue.cli.demo import build_dataset
+from adqueue.core.config import Settings
+from adqueue.core.progress import NullProgress
+from adqueue.data.loader import load_stream, stack_pixels, to_float
+from adqueue.data.sources import open_source
+from adqueue.jobs.context import Context
+from adqueue.jobs.ports import NullScoreProgress
+from adqueue.jobs.submit import submit_score, submit_train
+from adqueue.runners.inline import InlineDispatcher
+from adqueue.runners.models import ModelCache
+from adqueue.store.queries import resolve_model
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
         submit_train(ctx, dispatcher, detector="mvg", data=str(root), name="bench",
                      settings={"backbone": args.backbone, "image_size": str(args.size)})
         with ctx.store.session() as session:
-            detector = load_detector(ctx, resolve_model(session, "bench")).detector
+            model_id = resolve_model(session, "bench").id
+        detector = ModelCache(ctx, "cpu")(model_id).detector
         images = [entry for entry in load_stream(open_source(dump).items(), detector.preprocess) if entry.ok]
         batches = [to_float(stack_pixels(images[i:i + ctx.settings.batch_size]))
                    for i in range(0, len(images), ctx.settings.batch_size)]

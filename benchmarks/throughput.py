@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from adqueue.cli.demo import build_dataset  # noqa: E402
-from tests.servers import Worker, redis_server  # noqa: E402
+from adqueue.cli.demo import build_dataset
+from harness.servers import Worker, redis_server
 
 SETTINGS = {
     "fast": ["--backbone", "efficientnet_lite0", "--set", "image_size=128"],

@@ -32,7 +32,7 @@ def _loop(queues: list[str], stop: threading.Event) -> None:
                 if queue not in dispatchers:
                     dispatchers[queue] = CeleryDispatcher(runtime.settings, queue)
             reconcile(runtime.ctx, dispatchers, worker=f"reconciler-{runtime.name}")
-        except Exception:  # noqa: BLE001 - a broker or database outage: try again next time
+        except Exception:
             log.warning("reconciler pass failed; trying again in %.0f s", interval, exc_info=True)
 
 

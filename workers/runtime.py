@@ -18,7 +18,8 @@ from celery.signals import worker_process_init
 
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
-from adqueue.pipeline.model_files import ModelCache, apply_torch_threads, resolve_device
+from adqueue.pipeline.device import apply_torch_threads, resolve_device
+from adqueue.runners.models import ModelCache
 from adqueue.workers.producer import CeleryDispatcher
 
 log = logging.getLogger(__name__)

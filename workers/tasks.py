@@ -1,4 +1,4 @@
-"""Celery tasks: each a few lines handing over to the service layer."""
+"""Celery tasks: each a few lines handing over to a runner (adqueue/runners)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 
 from celery import shared_task
 
-from adqueue.jobs.finishing import run_finish
-from adqueue.pipeline.score import run_shard
-from adqueue.pipeline.train import run_train_job
+from adqueue.runners.finish import run_finish
+from adqueue.runners.shard import run_shard
+from adqueue.runners.train import run_train_job
 from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN
 from adqueue.workers.runtime import current_runtime
 
@@ -34,4 +34,6 @@ def score_shard(shard_id: int) -> str:
 @shared_task(name=TASK_FINISH, ignore_result=True)
 def finish_job(job_id: int) -> str:
     runtime = current_runtime()
-    return str(run_finish(runtime.ctx, job_id, worker=runtime.name))
+    outcome = run_finish(runtime.ctx, job_id, worker=runtime.name)
+    log.info("finishing of job %s: %s", job_id, outcome.value)
+    return outcome.value

@@ -61,7 +61,8 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
     dispatchers: dict[str | None, object] = {}
     if settings.embedded:  # an evaluation whose process died after its last shard finishes here (torch-free)
         from adqueue.core.progress import NullProgress
-        from adqueue.jobs.ports import InlineDispatcher, NullScoreProgress
+        from adqueue.jobs.ports import NullScoreProgress
+        from adqueue.runners.inline import InlineDispatcher
 
         dispatchers[None] = InlineDispatcher(context, train_progress=NullProgress, score_progress=NullScoreProgress)
     else:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from adqueue.core.datadir import atomic_write_bytes
+from adqueue.cli.dispatch import make_dispatcher
 from adqueue.cli.output import emit_object, emit_rows, info
 from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
 from adqueue.core.config import Settings
+from adqueue.core.datadir import atomic_write_bytes
 from adqueue.jobs.context import Context
-from adqueue.jobs.ports import make_dispatcher
 from adqueue.jobs.submit import submit_evaluate, submit_score, submit_train
 from adqueue.store.queries import job_metrics
 from adqueue.store.read_only_sql import run_read_only

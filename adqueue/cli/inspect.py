@@ -25,7 +25,7 @@ def jobs(ctx: click.Context, job_id: int | None, limit: int, fmt: str) -> None:
     context = _context(ctx)
     with context.store.session() as session:
         if job_id is None:
-            rows = queries.list_jobs(session, limit)
+            rows = [row.as_dict() for row in queries.list_jobs(session, limit)]
             emit_rows(rows, ["job_id", "kind", "status", "model", "n_total", "n_done", "n_failed",
                              "created_at", "error"], fmt)
             return
@@ -133,7 +133,7 @@ def detectors(name: str | None, fmt: str) -> None:
 
     rows = []
     for detector in [name] if name else registry.names():
-        try:  # the settings modules (detectors/configs/), not the detectors: no torch to list them
+        try:  # the settings modules (detectors/<name>/config.py), not the detectors: no torch to list them
             spec = registry.config_spec(detector)
         except ValueError as exc:
             raise AdqueueError(str(exc)) from None

@@ -7,9 +7,10 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from adqueue.cli.output import stderr_console
+from adqueue.core.clock import utcnow
 from adqueue.core.errors import JobStalled
 from adqueue.jobs.context import Context
-from adqueue.store.models import JobStatus, utcnow
+from adqueue.store.models import JobStatus
 from adqueue.store.queries import job_summary, live_leases
 
 

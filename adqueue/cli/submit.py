@@ -13,9 +13,9 @@ import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
+from adqueue.core.errors import AdqueueError
 from adqueue.data.sources import SPLITS
 from adqueue.detectors import registry
-from adqueue.core.errors import AdqueueError
 from adqueue.jobs.context import Context
 from adqueue.store.queries import job_metrics, job_summary, model_warnings
 
@@ -64,7 +64,8 @@ def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> 
 
         return ScoreBar()
 
-    from adqueue.jobs.ports import make_dispatcher, signals_interrupt
+    from adqueue.cli.dispatch import make_dispatcher
+    from adqueue.jobs.interrupts import signals_interrupt
 
     dispatcher = make_dispatcher(context, train_progress=train_bar, score_progress=score_bar)
     try:

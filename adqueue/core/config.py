@@ -74,7 +74,7 @@ class Settings:
 
     @property
     def embedded(self) -> bool:
-        """No broker: the same service and task functions run in this process."""
+        """No broker: the same runners a worker runs run in this process."""
         return self.broker_url is None
 
     @classmethod

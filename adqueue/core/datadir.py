@@ -13,6 +13,7 @@ from pathlib import Path
 
 from adqueue.core.errors import AdqueueError
 
+
 class DataDir:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()

@@ -1,6 +1,6 @@
 """Where long work reports how far it got: a terminal bar, a SQL heartbeat, or nothing.
 
-Its own module, free of torch, because the lease code that renews from progress (service/leases.py)
+Its own module, free of torch, because the lease code that renews from progress (jobs/leases.py)
 runs in every CLI verb that submits, and those must not import the detectors to get a protocol.
 """
 

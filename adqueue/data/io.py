@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from adqueue.data.formats import HEAD_BYTES, image_format
 from adqueue.core.errors import ImageError
+from adqueue.data.formats import HEAD_BYTES, image_format
 
 # A factory image is rarely past 100 MP; anything bigger is more likely a decompression bomb.
 MAX_PIXELS = 120_000_000

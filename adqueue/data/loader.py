@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adqueue.core.errors import ImageError
 from adqueue.data.io import DEFAULT_MAX_BYTES, DecodedImage, read_image
 from adqueue.data.paths import to_os
-from adqueue.data.sources import Item
 from adqueue.data.preprocess import Preprocess
-from adqueue.core.errors import ImageError
+from adqueue.data.sources import Item
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from adqueue.data.paths import to_os, to_text
 from adqueue.core.errors import SourceError
+from adqueue.data.paths import to_os, to_text
 
 SPLITS = ("train", "test")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from adqueue.core.progress import Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.components.thresholds import calibrate_threshold
-from adqueue.core.progress import Progress
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Detector(nn.Module, ABC):
     # come from the backbone registry and are checked by hash on load.
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
     # True when maps need more than the scoring pass (a backward pass to the input, say): the
-    # scoring service then asks for maps only for the images that get a heat map.
+    # scoring pipeline then asks for maps only for the images that get a heat map.
     costly_maps: ClassVar[bool] = False
     # Fewest readable defect-free images `fit` may get before training refuses (`--set
     # min_images=N` overrides it): below it a model registers but scores little better than
@@ -105,6 +105,12 @@ class Detector(nn.Module, ABC):
             for key, value in self.state_dict().items()
             if not key.startswith(self.frozen_prefixes)
         }
+
+    extrapolating_threshold: ClassVar[bool] = False  # TEMP until the detector template lands
+
+    def load_fitted(self, state: Any) -> tuple[list[str], list[str]]:  # TEMP until the detector template lands
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        return [k for k in missing if not k.startswith(self.frozen_prefixes)], list(unexpected)
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self.config)))

@@ -1,12 +1,12 @@
-"""The handle every service function takes: settings, the database, the data dir."""
+"""The handle the job code and the runners take: settings, the database, the data dir."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from adqueue.core.datadir import DataDir
 from adqueue.core.config import Settings
+from adqueue.core.datadir import DataDir
 from adqueue.store.migrate import ensure_schema
 from adqueue.store.session import Store
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from adqueue.core.clock import utcnow
 from adqueue.core.progress import Progress
 from adqueue.jobs.context import Context
-from adqueue.store.models import utcnow
 from adqueue.store.transitions import ClaimedJob, renew_job_lease
 
 RENEW_EVERY_S = 1.0

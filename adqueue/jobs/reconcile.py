@@ -23,34 +23,30 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import cast
 
+from adqueue.core.clock import utcnow
 from adqueue.jobs.context import Context
-from adqueue.jobs.ports import Dispatcher
 from adqueue.jobs.finishing import after_shard_closed
 from adqueue.jobs.leases import lease_until
+from adqueue.jobs.outbox import send_owed
+from adqueue.jobs.ports import Dispatcher, Outbox
+from adqueue.jobs.submit import continue_submission
 from adqueue.store import reconciler_queries as queries
-from adqueue.store.models import JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
+from adqueue.store.models import JobKind, JobStatus
 from adqueue.store.transitions import (
+    Closing,
     claim_submission,
     close_if_complete,
+    fail_expired_job,
     give_up_shard,
     requeue_expired_job,
     requeue_expired_shard,
-    stamp_enqueued_job,
-    stamp_enqueued_shards,
-    stop_job,
+    stop_expired_embedded_job,
+    stop_idle_embedded_job,
 )
 
 log = logging.getLogger(__name__)
-
-
-class Outbox(Dispatcher, Protocol):
-    """A dispatcher whose broker can also be read: how many messages wait, and for what."""
-
-    def message_count(self) -> int: ...
-
-    def message_ids(self) -> dict[str, set[int]]: ...  # "shard" / "train" / "finish" -> ids
 
 
 @dataclass
@@ -77,7 +73,8 @@ class ReconcileReport:
 def reconcile(
     ctx: Context, dispatchers: Mapping[str | None, Dispatcher], *, worker: str, now: datetime | None = None,
 ) -> ReconcileReport:
-    """One pass. `dispatchers` maps the queues this caller can send to (None: this process)."""
+    """One pass. `dispatchers` maps the queues this caller can send to (None: this process); the
+    dispatcher of a queue is an Outbox."""
     now = now or utcnow()
     report = ReconcileReport()
     _expired_shards(ctx, now, report)
@@ -85,7 +82,7 @@ def reconcile(
     _complete_jobs(ctx, dispatchers, report)
     for queue, dispatcher in dispatchers.items():
         if queue is not None:
-            _outbox(ctx, queue, dispatcher, now, report)  # type: ignore[arg-type]
+            _outbox(ctx, queue, cast(Outbox, dispatcher), now, report)  # a queue's dispatcher reads it back too
     if any(report.as_dict().values()):
         log.info("reconciler: %s", report.describe())
     return report
@@ -94,10 +91,10 @@ def reconcile(
 def _stop_embedded(ctx: Context, job_id: int, now: datetime, *, idle: bool = False) -> bool:
     error = (f"the process running it stopped without ending it ({'no progress' if idle else 'its lease expired'}); "
              f"`adqueue resume {job_id}` completes it")
-    guard = {"idle_before": now - timedelta(seconds=ctx.settings.lease_s)} if idle else {"expired_before": now}
     with ctx.store.session() as session:
-        return stop_job(session, job_id, status=JobStatus.FAILED, error=error, shards_to=ShardStatus.QUEUED,
-                        outcome=RunOutcome.EXPIRED, **guard)  # type: ignore[arg-type]
+        if idle:
+            return stop_idle_embedded_job(session, job_id, error, now - timedelta(seconds=ctx.settings.lease_s))
+        return stop_expired_embedded_job(session, job_id, error, now)
 
 
 def _expired_shards(ctx: Context, now: datetime, report: ReconcileReport) -> None:
@@ -121,8 +118,6 @@ def _expired_shards(ctx: Context, now: datetime, report: ReconcileReport) -> Non
 
 def _expired_jobs(ctx: Context, dispatchers: Mapping[str | None, Dispatcher], worker: str, now: datetime,
                   report: ReconcileReport) -> None:
-    from adqueue.jobs.submit import continue_submission  # submit -> control -> ... imports this module
-
     with ctx.store.session() as session:
         expired = queries.expired_job_leases(session, now)
     for job_id, run_id, kind, status, attempts, queue in expired:
@@ -142,9 +137,7 @@ def _expired_jobs(ctx: Context, dispatchers: Mapping[str | None, Dispatcher], wo
             what = "training" if kind == JobKind.TRAIN else "finishing"
             error = f"the worker running its {what} was lost on each of {attempts} attempt(s)"
             with ctx.store.session() as session:
-                report.jobs_failed += stop_job(session, job_id, status=JobStatus.FAILED, error=error,
-                                               shards_to=ShardStatus.FAILED, outcome=RunOutcome.EXPIRED,
-                                               expired_before=now)
+                report.jobs_failed += fail_expired_job(session, job_id, error, now)
         else:
             with ctx.store.session() as session:
                 report.runs_requeued += requeue_expired_job(session, job_id, run_id, now)
@@ -158,7 +151,7 @@ def _complete_jobs(ctx: Context, dispatchers: Mapping[str | None, Dispatcher], r
             with ctx.store.session() as session:
                 report.jobs_ended += close_if_complete(session, job_id) is not None
         elif queue in dispatchers:  # an evaluate job's finishing goes to its own queue (or process)
-            report.finishes_sent += after_shard_closed(ctx, job_id, dispatchers[queue]) == "finish"
+            report.finishes_sent += after_shard_closed(ctx, job_id, dispatchers[queue]) is Closing.FINISH
 
 
 def _outbox(ctx: Context, queue: str, outbox: Outbox, now: datetime, report: ReconcileReport) -> None:
@@ -183,18 +176,3 @@ def _outbox(ctx: Context, queue: str, outbox: Outbox, now: datetime, report: Rec
     if resent:
         log.warning("queue %s: %d message(s) were lost from the broker; sent again", queue, resent)
     report.messages_resent += resent
-
-
-def send_owed(ctx: Context, outbox: Dispatcher, owed: queries.Owed, now: datetime,
-              sent_before: datetime | None = None) -> int:
-    """Stamp, then send: of several reconcilers, only the one whose stamp won sends."""
-    with ctx.store.session() as session:
-        shards = stamp_enqueued_shards(session, owed.shards, now, sent_before)
-        trains = [i for i in owed.trains if stamp_enqueued_job(session, i, now, sent_before)]
-        finishes = [i for i in owed.finishes if stamp_enqueued_job(session, i, now, sent_before)]
-    outbox.enqueue_shards(shards)
-    for job_id in trains:
-        outbox.enqueue_train(job_id)
-    for job_id in finishes:
-        outbox.enqueue_finish(job_id)
-    return len(shards) + len(trains) + len(finishes)

@@ -19,27 +19,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from adqueue.core.clock import utcnow
+from adqueue.core.errors import AdqueueError, SourceError
+from adqueue.core.failpoints import failpoint
 from adqueue.data.paths import to_os, to_text
 from adqueue.data.sources import Item, Source, open_source
 from adqueue.detectors import registry
-from adqueue.core.errors import AdqueueError, SourceError
-from adqueue.core.failpoints import failpoint
 from adqueue.jobs.context import Context
-from adqueue.jobs.control import interruptions_marked
 from adqueue.jobs.finishing import after_shard_closed
 from adqueue.jobs.incremental import SkipScored
+from adqueue.jobs.interrupts import interruptions_marked
 from adqueue.jobs.leases import DB_RETRY_S, LeaseLost, lease_until
-from adqueue.pipeline.model_files import resolve_model
+from adqueue.jobs.ports import Dispatcher
 from adqueue.jobs.score_settings import HEATMAP_MODES
 from adqueue.jobs.train_settings import split_train_settings
-from adqueue.store.models import Job, JobKind, JobStatus, RunOutcome, ShardStatus, utcnow
-from adqueue.store.queries import submission_progress
-from adqueue.store.transitions import ClaimedJob, add_shards, create_job, end_submission, stamp_enqueued_shards, stop_job
-
-if TYPE_CHECKING:  # annotations only
-    from adqueue.jobs.ports import Dispatcher
+from adqueue.store.models import Job, JobKind
+from adqueue.store.queries import resolve_model, submission_progress
+from adqueue.store.transitions import (
+    ClaimedJob,
+    add_shards,
+    create_job,
+    end_submission,
+    fail_submission,
+    stamp_enqueued_shards,
+)
 
 SHARDS_PER_COMMIT = 64
 MAX_SHARD_SIZE = 10_000
@@ -85,7 +90,7 @@ def submit_train(
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
-    # The detector's Config and checks only (detectors/configs/): submitting imports no torch.
+    # The detector's Config and checks only (detectors/<name>/config.py): submitting imports no torch.
     try:
         spec = registry.config_spec(detector)
         _, detector_settings = split_train_settings(settings)
@@ -203,8 +208,7 @@ def submission_guard(ctx: Context, job_id: int) -> Iterator[None]:
     except Exception as exc:
         error = f"submission failed: {exc}; `adqueue resume {job_id}` retries it"
         with ctx.store.session() as session:
-            stop_job(session, job_id, status=JobStatus.FAILED, error=error, shards_to=ShardStatus.QUEUED,
-                     outcome=RunOutcome.FAILED)
+            fail_submission(session, job_id, error)
         raise
 
 

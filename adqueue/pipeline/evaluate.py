@@ -1,21 +1,25 @@
-"""Metrics of an evaluate job, from its result rows and the anomaly maps its shards saved."""
+"""Metrics of an evaluate job, from its scored images and the anomaly maps its shards saved.
+
+Image AUROC (overall, per defect type, per extra score), pixel AUROC and PRO where masks exist,
+false-alarm rate and recall at the model's threshold.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
+from adqueue.core.errors import ImageError
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.io import read_mask
 from adqueue.data.paths import to_os
-from adqueue.core.errors import ImageError
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc, pro_score, rates_at_threshold
-from adqueue.core.progress import NullProgress, Progress
-from adqueue.jobs.context import Context
-from adqueue.store.models import Job, Model, Result, Shard, ShardStatus
 
 log = logging.getLogger(__name__)
 
@@ -24,30 +28,22 @@ log = logging.getLogger(__name__)
 PIXEL_BUDGET = 40_000_000
 
 
-def compute_job_metrics(ctx: Context, job_id: int, progress: Progress | None = None) -> dict[str, float]:
-    """From scratch, every time: a second run computes exactly what the first would have."""
+@dataclass(frozen=True)
+class EvaluatedImage:
+    """One scored, labeled image of an evaluate job, as its result row has it."""
+
+    path: str
+    label: int
+    defect: str | None
+    score: float
+    scores: dict[str, Any] | None  # every score the detector offers
+
+
+def compute_metrics(rows: Sequence[EvaluatedImage], masks: dict[str, str | None], map_files: list[Path],
+                    threshold: float | None, progress: Progress | None = None) -> dict[str, float]:
+    """From scratch, every time: a second run computes exactly what the first would have. `masks`
+    maps each image's path to its mask's (or None); `map_files` are the shards' saved maps."""
     progress = progress or NullProgress()
-    with ctx.store.session() as session:
-        job = session.get_one(Job, job_id)
-        model = session.get_one(Model, job.model_id)
-        threshold = model.threshold
-        rows = session.execute(
-            select(Result.path, Result.label, Result.defect, Result.score, Result.scores)
-            .where(Result.job_id == job_id, Result.score.is_not(None), Result.label.is_not(None))
-            .order_by(Result.path)
-        ).all()
-        masks = {
-            item[0]: item[3]
-            for (items,) in session.execute(select(Shard.items).where(Shard.job_id == job_id))
-            for item in items
-        }
-        # The maps of the run that closed each shard; a copy that lost its lease left others.
-        map_files = [
-            ctx.data_dir.eval_maps_file(job_id, seq, run_id)
-            for seq, run_id in session.execute(
-                select(Shard.seq, Shard.run_id).where(Shard.job_id == job_id, Shard.status == ShardStatus.DONE)
-                .order_by(Shard.seq))
-        ]
     labels = np.array([row.label for row in rows], dtype=int)
     scores = np.array([row.score for row in rows], dtype=np.float64)
     metrics: dict[str, float] = {
@@ -80,7 +76,7 @@ def _put(metrics: dict[str, float], name: str, value: float | None) -> None:
         metrics[name] = float(value)
 
 
-def _extra_scores(rows: list) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+def _extra_scores(rows: Sequence[EvaluatedImage]) -> dict[str, np.ndarray]:
     names = sorted({name for row in rows for name in (row.scores or {})})
     return {
         name: np.array([(row.scores or {}).get(name, np.nan) for row in rows], dtype=np.float64)

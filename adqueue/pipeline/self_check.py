@@ -24,11 +24,10 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
+from adqueue.core.progress import Progress
 from adqueue.data.synthetic_defects import KINDS, paint
 from adqueue.detectors.base import Detector
 from adqueue.pipeline.metrics import image_auroc
-from adqueue.core.progress import Progress
-from adqueue.store.models import Metric
 
 METRIC = "synthetic_auroc"  # and "synthetic_auroc.<kind>"
 DATASET = "synthetic"  # metrics.dataset of its rows
@@ -114,11 +113,3 @@ def _auroc(clean: np.ndarray, defected: np.ndarray) -> float | None:
     labels = np.concatenate([np.zeros(len(clean), dtype=int), np.ones(len(defected), dtype=int)])
     auroc = image_auroc(labels, ranks)
     return None if auroc is None else round(auroc, 6)
-
-
-def metric_rows(model_id: int, job_id: int, check: dict[str, Any]) -> list[Metric]:
-    """The self-check (as stored in params) as metrics rows of the model and its train job."""
-    values = {METRIC: check.get("auroc"),
-              **{f"{METRIC}.{kind}": value for kind, value in (check.get("per_kind") or {}).items()}}
-    return [Metric(model_id=model_id, job_id=job_id, name=name, value=value, dataset=DATASET)
-            for name, value in values.items()]

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from adqueue.store.session import Store
 from adqueue.migrations import LOCATION
+from adqueue.store.session import Store
 
 if TYPE_CHECKING:
     from alembic.config import Config

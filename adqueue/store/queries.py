@@ -3,12 +3,14 @@ metrics, leases held."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from adqueue.core.clock import aware, utcnow
 from adqueue.core.errors import JobNotFound, ModelNotFound
 from adqueue.store.models import Job, JobStatus, Metric, Model, Result, Shard, ShardStatus
 
@@ -80,22 +82,94 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
     }
 
 
-def list_jobs(session: Session, limit: int = 20) -> list[dict[str, Any]]:
-    rows = session.execute(
-        select(Job, Model.name, Model.version)
-        .outerjoin(Model, Model.id == Job.model_id)
-        .order_by(Job.id.desc())
-        .limit(limit)
+def count_if(condition: Any) -> Any:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    kind: str
+    status: str
+    model_id: int | None
+    model_name: str | None
+    model_version: int | None
+    source: str
+    n_total: int
+    n_done: int
+    n_failed: int
+    n_skipped: int
+    phase: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    n_scored: int = 0  # result rows with a score
+    n_flagged: int = 0
+    n_errors: int = 0  # result rows with an error
+
+    @property
+    def model(self) -> str | None:
+        return f"{self.model_name}:{self.model_version}" if self.model_name else None
+
+    @property
+    def active(self) -> bool:
+        return self.status in JobStatus.ACTIVE
+
+    @property
+    def progress(self) -> int:
+        return self.n_done + self.n_failed
+
+    @property
+    def anomaly_rate(self) -> float | None:
+        return self.n_flagged / self.n_scored if self.n_scored else None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or utcnow()
+        return max(0.0, (aware(end) - aware(self.started_at)).total_seconds())
+
+    @property
+    def images_per_s(self) -> float | None:
+        duration = self.duration_s
+        return self.progress / duration if duration else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as `adqueue jobs` prints it."""
+        return {"job_id": self.id, "kind": self.kind, "status": self.status, "model": self.model,
+                "n_total": self.n_total, "n_done": self.n_done, "n_failed": self.n_failed,
+                "created_at": self.created_at, "error": self.error}
+
+
+def list_jobs(session: Session, limit: int = 20, *, counts: bool = False, job_id: int | None = None) -> list[JobRow]:
+    """The latest `limit` jobs (or job `job_id`), newest first; `counts`: with their result rows
+    counted (scored, flagged, errors)."""
+    where = [] if job_id is None else [Job.id == job_id]
+    jobs = session.execute(
+        select(Job, Model.name, Model.version).outerjoin(Model, Model.id == Job.model_id)
+        .where(*where).order_by(Job.id.desc()).limit(limit)
     ).all()
-    return [
-        {
-            "job_id": job.id, "kind": job.kind, "status": job.status,
-            "model": f"{name}:{version}" if name else None,
-            "n_total": job.n_total, "n_done": job.n_done, "n_failed": job.n_failed,
-            "created_at": job.created_at, "error": job.error,
-        }
-        for job, name, version in rows
-    ]
+    ids = [job.id for job, _, _ in jobs]
+    found: dict[int, tuple[int, int, int]] = {}
+    if ids and counts:  # one aggregate over the listed jobs' results, not over the whole table
+        for listed, scored, flagged, errors in session.execute(
+            select(Result.job_id, func.count(Result.score), count_if(Result.is_anomaly.is_(True)),
+                   count_if(Result.error.is_not(None)))
+            .where(Result.job_id.in_(ids)).group_by(Result.job_id)
+        ):
+            found[listed] = (int(scored), int(flagged), int(errors))
+    rows = []
+    for job, name, version in jobs:
+        n_scored, n_flagged, n_errors = found.get(job.id, (0, 0, 0))
+        rows.append(JobRow(
+            id=job.id, kind=job.kind, status=job.status, model_id=job.model_id, model_name=name,
+            model_version=version, source=job.source, n_total=job.n_total, n_done=job.n_done, n_failed=job.n_failed,
+            n_skipped=job.n_skipped or 0, phase=job.phase, error=job.error, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at, n_scored=n_scored, n_flagged=n_flagged,
+            n_errors=n_errors))
+    return rows
 
 
 def job_results(

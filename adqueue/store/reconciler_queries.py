@@ -10,11 +10,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from adqueue.store.models import Job, JobKind, JobStatus, Shard, ShardStatus
-from adqueue.store.transitions import last_activity
-
-
-def _sent_before(column: Any, cutoff: datetime | None) -> Any:
-    return column.is_(None) if cutoff is None else or_(column.is_(None), column < cutoff)
+from adqueue.store.transitions import last_activity, owed
 
 
 def _awaiting_finish() -> Any:
@@ -50,10 +46,10 @@ def owed_messages(session: Session, queue: str, now: datetime, cutoff: datetime 
     mine = Job.queue == queue
     shards = session.scalars(
         select(Shard.id).join(Job, Job.id == Shard.job_id)
-        .where(_queued_shards(now), mine, _sent_before(Shard.enqueued_at, cutoff)).order_by(Shard.id).limit(limit))
+        .where(_queued_shards(now), mine, owed(Shard.enqueued_at, cutoff)).order_by(Shard.id).limit(limit))
     trains = session.scalars(select(Job.id).where(
-        mine, Job.kind == JobKind.TRAIN, Job.status == JobStatus.QUEUED, _sent_before(Job.enqueued_at, cutoff)))
-    finishes = session.scalars(select(Job.id).where(mine, _awaiting_finish(), _sent_before(Job.enqueued_at, cutoff)))
+        mine, Job.kind == JobKind.TRAIN, Job.status == JobStatus.QUEUED, owed(Job.enqueued_at, cutoff)))
+    finishes = session.scalars(select(Job.id).where(mine, _awaiting_finish(), owed(Job.enqueued_at, cutoff)))
     return Owed(list(shards), list(trains), list(finishes))
 
 

@@ -1,7 +1,7 @@
 """The one write of the morning review (`adqueue serve`): a person's verdict on a result.
 
 Verdicts are appended, never updated: a result reviewed twice keeps both rows and the latest one
-counts (web_queries reads it), so who changed their mind, and when, stays in SQL.
+counts (web/queries.py reads it), so who changed their mind, and when, stays in SQL.
 """
 
 from __future__ import annotations

@@ -27,31 +27,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from adqueue.core.clock import aware, utcnow
 from adqueue.store.models import (
     Job,
     JobKind,
     JobStatus,
     Metric,
-    Result,
     Run,
     RunKind,
     RunOutcome,
     Shard,
     ShardStatus,
-    utcnow,
 )
-
-# Columns an upsert refreshes when a (job_id, path) row already exists.
-_RESULT_UPDATE_COLUMNS = (
-    "model_id", "shard_id", "sha256", "score", "is_anomaly", "heatmap_path", "error",
-    "width", "height", "label", "defect", "scores", "scored_at", "run_id", "file_size", "file_mtime_ns",
-)
+from adqueue.store.results import upsert_results
 
 
 @dataclass(frozen=True)
@@ -217,7 +211,7 @@ def give_up_shard(session: Session, shard_id: int, run_id: int, error: str, *, m
     return True
 
 
-def _owed(column: Any, sent_before: datetime | None) -> Any:
+def owed(column: Any, sent_before: datetime | None) -> Any:
     """Never sent, or (with `sent_before`) last sent before then and presumed lost."""
     return column.is_(None) if sent_before is None else or_(column.is_(None), column < sent_before)
 
@@ -231,27 +225,9 @@ def stamp_enqueued_shards(session: Session, shard_ids: Sequence[int], now: datet
         return []
     return list(session.scalars(
         update(Shard)
-        .where(Shard.id.in_(list(shard_ids)), Shard.status == ShardStatus.QUEUED, _owed(Shard.enqueued_at, sent_before))
+        .where(Shard.id.in_(list(shard_ids)), Shard.status == ShardStatus.QUEUED, owed(Shard.enqueued_at, sent_before))
         .values(enqueued_at=now).returning(Shard.id)
     ))
-
-
-def upsert_results(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """One bulk INSERT ... ON CONFLICT (job_id, path) DO UPDATE for a whole shard."""
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        statement = postgresql.insert(Result)
-    elif dialect == "sqlite":
-        statement = sqlite.insert(Result)
-    else:  # pragma: no cover - guarded by Settings.validate
-        raise RuntimeError(f"unsupported dialect {dialect}")
-    statement = statement.on_conflict_do_update(
-        index_elements=[Result.job_id, Result.path],
-        set_={column: statement.excluded[column] for column in _RESULT_UPDATE_COLUMNS},
-    )
-    session.execute(statement, list(rows))
 
 
 # --- submission -------------------------------------------------------------------------------
@@ -421,17 +397,25 @@ def finish_with_metrics(session: Session, held: ClaimedJob, metrics: dict[str, f
     return status
 
 
-def close_if_complete(session: Session, job_id: int, now: datetime | None = None) -> str | None:
+class Closing(StrEnum):
+    """What closing a job's last shard led to."""
+
+    DONE = "done"  # a score job ended done
+    FAILED = "failed"  # a score job ended failed (a shard failed)
+    FINISH = "finish"  # an evaluate job is due its finishing: the one caller that won must send it
+
+
+def close_if_complete(session: Session, job_id: int, now: datetime | None = None) -> Closing | None:
     """Once every shard of a sharded job is closed: a score job ends here (done, or failed if a
-    shard failed) and that status is returned; an evaluate job returns "finish" to the one caller
-    that must send its finishing message."""
+    shard failed); an evaluate job's finishing falls due. None: not complete, or another caller
+    already moved it on."""
     now = now or utcnow()
     kind = session.scalar(select(Job.kind).where(Job.id == job_id))
     if kind == JobKind.EVALUATE:
         won = session.execute(
             update(Job).where(Job.id == job_id, _complete(), Job.enqueued_at.is_(None)).values(enqueued_at=now)
         ).rowcount
-        return "finish" if won else None
+        return Closing.FINISH if won else None
     if kind != JobKind.SCORE:
         return None
     failed = exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
@@ -448,7 +432,7 @@ def close_if_complete(session: Session, job_id: int, now: datetime | None = None
                 Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
         ).one()
         job.error = f"{n_failed} shard(s) failed after {attempts} attempt(s)"
-    return job.status
+    return Closing(job.status)
 
 
 def requeue_expired_job(session: Session, job_id: int, run_id: int, now: datetime) -> bool:
@@ -468,7 +452,7 @@ def requeue_expired_job(session: Session, job_id: int, run_id: int, now: datetim
 def stamp_enqueued_job(session: Session, job_id: int, now: datetime, sent_before: datetime | None = None) -> bool:
     """Like stamp_enqueued_shards, for a job's own message (its training or finishing)."""
     return bool(session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE), _owed(Job.enqueued_at, sent_before))
+        update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE), owed(Job.enqueued_at, sent_before))
         .values(enqueued_at=now)
     ).rowcount)
 
@@ -481,23 +465,77 @@ def last_activity() -> Any:
     return func.coalesce(Job.heartbeat_at, Job.submitted_at, Job.created_at)
 
 
-def stop_job(
-    session: Session, job_id: int, *, status: str, error: str, shards_to: str, outcome: str,
-    from_statuses: Sequence[str] = JobStatus.ACTIVE, attempt_counts: bool = True,
-    expired_before: datetime | None = None, idle_before: datetime | None = None, now: datetime | None = None,
+@dataclass(frozen=True)
+class _Stop:
+    """How a job stopped from outside its runs leaves its shards and runs."""
+
+    status: JobStatus
+    shards_to: ShardStatus
+    outcome: RunOutcome
+    attempt_counts: bool = True  # False: the interrupted runs get their attempt back
+
+
+_CANCEL = _Stop(JobStatus.CANCELLED, ShardStatus.CANCELLED, RunOutcome.CANCELLED)
+_PERMANENT_ERROR = _Stop(JobStatus.FAILED, ShardStatus.FAILED, RunOutcome.FAILED)
+_FAILED_SUBMISSION = _Stop(JobStatus.FAILED, ShardStatus.QUEUED, RunOutcome.FAILED)
+_INTERRUPTED = _Stop(JobStatus.FAILED, ShardStatus.QUEUED, RunOutcome.INTERRUPTED, attempt_counts=False)
+_ABANDONED_EMBEDDED = _Stop(JobStatus.FAILED, ShardStatus.QUEUED, RunOutcome.EXPIRED)
+_LOST_EACH_TIME = _Stop(JobStatus.FAILED, ShardStatus.FAILED, RunOutcome.EXPIRED)
+
+
+def cancel_job(session: Session, job_id: int, error: str, now: datetime | None = None) -> bool:
+    """A person cancels an active job: open shards are cancelled and never run."""
+    return _stop_job(session, job_id, _CANCEL, error, now=now)
+
+
+def fail_job(session: Session, job_id: int, error: str, now: datetime | None = None) -> bool:
+    """A permanent error (a missing or broken model file) fails the whole job at once."""
+    return _stop_job(session, job_id, _PERMANENT_ERROR, error, now=now)
+
+
+def fail_submission(session: Session, job_id: int, error: str, now: datetime | None = None) -> bool:
+    """A submission that failed: the shards written so far wait queued for `resume`."""
+    return _stop_job(session, job_id, _FAILED_SUBMISSION, error, now=now)
+
+
+def interrupt_job(session: Session, job_id: int, error: str, now: datetime | None = None) -> bool:
+    """The process running the job was told to stop (a signal, Ctrl-C): its open shards wait queued
+    for `resume` and the interrupted attempts are not counted."""
+    return _stop_job(session, job_id, _INTERRUPTED, error, now=now)
+
+
+def stop_expired_embedded_job(session: Session, job_id: int, error: str, now: datetime) -> bool:
+    """An embedded job whose process died holding a lease (it expired by `now`): failed, shards
+    queued for `resume`."""
+    return _stop_job(session, job_id, _ABANDONED_EMBEDDED, error, expired_before=now, now=now)
+
+
+def stop_idle_embedded_job(session: Session, job_id: int, error: str, idle_before: datetime,
+                           now: datetime | None = None) -> bool:
+    """An embedded job whose process died between two pieces of work (no lease held): failed only
+    if nothing happened to it since `idle_before` and no shard is running."""
+    return _stop_job(session, job_id, _ABANDONED_EMBEDDED, error, idle_before=idle_before, now=now)
+
+
+def fail_expired_job(session: Session, job_id: int, error: str, now: datetime) -> bool:
+    """A training or finishing whose worker was lost on every attempt (its lease expired by `now`)."""
+    return _stop_job(session, job_id, _LOST_EACH_TIME, error, expired_before=now, now=now)
+
+
+def _stop_job(
+    session: Session, job_id: int, stop: _Stop, error: str, *, expired_before: datetime | None = None,
+    idle_before: datetime | None = None, now: datetime | None = None,
 ) -> bool:
-    """End an active job from outside its runs: cancel (shards cancelled), a permanent error
-    (shards failed), or an embedded run that stopped (shards queued again, for `resume`).
-    Runs still holding a lease on it lose it: they notice at their next renewal and write nothing.
-    `attempt_counts=False` (a process told to stop) gives the interrupted runs their attempt back;
-    `expired_before` (the reconciler) acts only if a lease on the job or a shard ran out by then,
-    `idle_before` only if nothing has happened to the job since then and no shard is running."""
+    """End an active job from outside its runs, in one guarded UPDATE of the job. Runs still holding
+    a lease on it lose it: they notice at their next renewal and write nothing. `expired_before`
+    acts only if a lease on the job or a shard ran out by then, `idle_before` only if nothing has
+    happened to the job since then and no shard is running."""
     now = now or utcnow()
-    values: dict[str, Any] = {"status": status, "error": error, "finished_at": now, "lease_expires_at": None}
-    if not attempt_counts:
+    values: dict[str, Any] = {"status": stop.status, "error": error, "finished_at": now, "lease_expires_at": None}
+    if not stop.attempt_counts:
         job_run_live = and_(Job.lease_expires_at.is_not(None), Job.attempts > 0)
         values["attempts"] = case((job_run_live, Job.attempts - 1), else_=Job.attempts)
-    guard = [Job.id == job_id, Job.status.in_(list(from_statuses))]
+    guard = [Job.id == job_id, Job.status.in_(JobStatus.ACTIVE)]
     if expired_before is not None:
         guard.append(or_(Job.lease_expires_at < expired_before, exists().where(
             Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < expired_before)))
@@ -508,17 +546,17 @@ def stop_job(
     if not won:
         return False
     open_shards = and_(Shard.job_id == job_id, Shard.status.in_(ShardStatus.OPEN))
-    if not attempt_counts:
+    if not stop.attempt_counts:
         session.execute(update(Shard).where(open_shards, Shard.status == ShardStatus.RUNNING)
                         .values(attempts=Shard.attempts - 1))
-    shard_values: dict[str, Any] = {"status": shards_to, "run_id": None, "lease_expires_at": None}
-    if shards_to == ShardStatus.QUEUED:
+    shard_values: dict[str, Any] = {"status": stop.shards_to, "run_id": None, "lease_expires_at": None}
+    if stop.shards_to == ShardStatus.QUEUED:
         shard_values["enqueued_at"] = None
     else:
         shard_values.update(finished_at=now, error=error)
     session.execute(update(Shard).where(open_shards).values(**shard_values))
     session.execute(update(Run).where(Run.job_id == job_id, Run.outcome == RunOutcome.RUNNING)
-                    .values(outcome=outcome, ended_at=now, error=error))
+                    .values(outcome=stop.outcome, ended_at=now, error=error))
     return True
 
 
@@ -553,7 +591,7 @@ def reopen_job(session: Session, job_id: int, *, queue: str | None, now: datetim
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.status == JobStatus.DONE:
         return False
-    live = job.status in JobStatus.ACTIVE and job.lease_expires_at is not None and _aware(job.lease_expires_at) > now
+    live = job.status in JobStatus.ACTIVE and job.lease_expires_at is not None and aware(job.lease_expires_at) > now
     if job.kind == JobKind.TRAIN:
         if live:
             return False
@@ -580,9 +618,3 @@ def reopen_job(session: Session, job_id: int, *, queue: str | None, now: datetim
         enqueued_at=None, attempts=0))
     return True
 
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without a zone; they are stored in UTC."""
-    from datetime import UTC
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,6 +1,6 @@
 """The Starlette application behind `adqueue serve`: routes, templates, the one stylesheet.
 
-Imports stay light on purpose (no torch, no detector, no service module that pulls them in): the
+Imports stay light on purpose (no torch, no detector, no job or runner module that pulls them in): the
 server reads SQL and a few files, and starts in well under a second.
 """
 
@@ -21,9 +21,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from adqueue.core.clock import aware
 from adqueue.jobs.context import Context
-from adqueue.store import web_queries as q
 from adqueue.web import pages
+from adqueue.web import queries as q
 from adqueue.web.auth import Guard
 from adqueue.web.files import Refused, heatmap_image, result_image
 
@@ -53,7 +54,7 @@ def _duration(seconds: float | None) -> str:
 def _when(moment: datetime | None) -> str:
     if moment is None:
         return "—"
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite gives naive UTC
+    moment = aware(moment)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

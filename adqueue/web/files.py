@@ -16,9 +16,9 @@ import os
 import stat
 
 from adqueue.core.datadir import DataDir
+from adqueue.core.errors import AdqueueError
 from adqueue.data.formats import image_format
 from adqueue.data.paths import to_os
-from adqueue.core.errors import AdqueueError
 
 HEATMAP_FOLDER = "heatmaps"  # where DataDir.heatmap_file writes every heat map
 

@@ -1,4 +1,4 @@
-"""The pages of `adqueue serve`: each handler reads through store.web_queries and renders a template.
+"""The pages of `adqueue serve`: each handler reads through web/queries.py and renders a template.
 
 Handlers that only read are plain functions: Starlette runs them in its thread pool, so a slow
 query never blocks the event loop. The one that writes (a review) reads its form asynchronously
@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from adqueue.store import web_queries as q
 from adqueue.store.reviews import ReviewError, clean_reviewer, record_review
 from adqueue.store.session import Store
+from adqueue.web import queries as q
 from adqueue.web.charts import (
     Series,
     bin_counts,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -18,69 +18,18 @@ from sqlalchemy.orm import Session
 from adqueue.store.models import (
     Job,
     JobKind,
-    JobStatus,
     Metric,
     Model,
     Result,
     Review,
     ReviewVerdict,
 )
+from adqueue.store.queries import JobRow, count_if, list_jobs
 
 # Trend: ranks kept per job for the drift test. The KS statistic of a systematic sample of the
 # sorted scores is within about 1/TREND_SAMPLE of the full night's.
 TREND_SAMPLE = 2000
 QUANTILES = (50, 90, 99)
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: int
-    kind: str
-    status: str
-    model_id: int | None
-    model_name: str | None
-    model_version: int | None
-    source: str
-    n_total: int
-    n_done: int
-    n_failed: int
-    n_skipped: int
-    phase: str | None
-    error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    n_scored: int = 0  # result rows with a score
-    n_flagged: int = 0
-    n_errors: int = 0  # result rows with an error
-
-    @property
-    def model(self) -> str | None:
-        return f"{self.model_name}:{self.model_version}" if self.model_name else None
-
-    @property
-    def active(self) -> bool:
-        return self.status in JobStatus.ACTIVE
-
-    @property
-    def progress(self) -> int:
-        return self.n_done + self.n_failed
-
-    @property
-    def anomaly_rate(self) -> float | None:
-        return self.n_flagged / self.n_scored if self.n_scored else None
-
-    @property
-    def duration_s(self) -> float | None:
-        if self.started_at is None:
-            return None
-        end = self.finished_at or datetime.now(UTC)
-        return max(0.0, (_aware(end) - _aware(self.started_at)).total_seconds())
-
-    @property
-    def images_per_s(self) -> float | None:
-        duration = self.duration_s
-        return self.progress / duration if duration else None
 
 
 @dataclass(frozen=True)
@@ -180,47 +129,13 @@ class TrendPoint:
         return self.n_flagged / self.n_scored if self.n_scored else None
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite returns naive UTC
-
-
-def _count_if(condition: Any) -> Any:
-    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-
-def _job_rows(session: Session, where: Sequence[Any], limit: int) -> list[JobRow]:
-    jobs = session.execute(
-        select(Job, Model.name, Model.version).outerjoin(Model, Model.id == Job.model_id)
-        .where(*where).order_by(Job.id.desc()).limit(limit)
-    ).all()
-    ids = [job.id for job, _, _ in jobs]
-    counts: dict[int, tuple[int, int, int]] = {}
-    if ids:  # one aggregate over the listed jobs' results, not over the whole table
-        for job_id, scored, flagged, errors in session.execute(
-            select(Result.job_id, func.count(Result.score), _count_if(Result.is_anomaly.is_(True)),
-                   _count_if(Result.error.is_not(None)))
-            .where(Result.job_id.in_(ids)).group_by(Result.job_id)
-        ):
-            counts[job_id] = (int(scored), int(flagged), int(errors))
-    rows = []
-    for job, name, version in jobs:
-        n_scored, n_flagged, n_errors = counts.get(job.id, (0, 0, 0))
-        rows.append(JobRow(
-            id=job.id, kind=job.kind, status=job.status, model_id=job.model_id, model_name=name,
-            model_version=version, source=job.source, n_total=job.n_total, n_done=job.n_done, n_failed=job.n_failed,
-            n_skipped=job.n_skipped or 0, phase=job.phase, error=job.error, created_at=job.created_at,
-            started_at=job.started_at, finished_at=job.finished_at, n_scored=n_scored, n_flagged=n_flagged,
-            n_errors=n_errors))
-    return rows
-
-
 def recent_jobs(session: Session, limit: int = 100) -> list[JobRow]:
     """The latest `limit` jobs, newest first, with their result counts."""
-    return _job_rows(session, [], limit)
+    return list_jobs(session, limit, counts=True)
 
 
 def job(session: Session, job_id: int) -> JobRow | None:
-    rows = _job_rows(session, [Job.id == job_id], 1)
+    rows = list_jobs(session, 1, counts=True, job_id=job_id)
     return rows[0] if rows else None
 
 
@@ -319,8 +234,8 @@ def folder_rates(session: Session, job_id: int, limit: int = 500) -> list[Folder
     paths = select(func.rtrim(Result.path, func.replace(Result.path, "/", "")).label("folder"), Result.score,
                    Result.is_anomaly, Result.error).where(Result.job_id == job_id).subquery()
     rows = session.execute(
-        select(paths.c.folder, func.count(), func.count(paths.c.score), _count_if(paths.c.is_anomaly.is_(True)),
-               _count_if(paths.c.error.is_not(None)))
+        select(paths.c.folder, func.count(), func.count(paths.c.score), count_if(paths.c.is_anomaly.is_(True)),
+               count_if(paths.c.error.is_not(None)))
         .group_by(paths.c.folder).order_by(paths.c.folder).limit(limit)
     ).all()
     return [FolderRate(str(name or ""), int(n), int(scored), int(flagged), int(errors))
@@ -368,8 +283,8 @@ def trend(session: Session, model_name: str, source: str, limit: int = 90) -> li
     ids = list(points)
     scored = and_(Result.job_id.in_(ids), Result.score.is_not(None))
     for job_id, n_scored, n_flagged, n_normal in session.execute(
-        select(Result.job_id, func.count(), _count_if(Result.is_anomaly.is_(True)),
-               _count_if(Result.score <= Model.threshold))
+        select(Result.job_id, func.count(), count_if(Result.is_anomaly.is_(True)),
+               count_if(Result.score <= Model.threshold))
         .join(Model, Model.id == Result.model_id, isouter=True).where(scored).group_by(Result.job_id)
     ):
         point = points[job_id]

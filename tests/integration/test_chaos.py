@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.chaos import NEEDS_TEXTURES_ROOT, POSTGRES_ONLY, SCENARIOS, ChaosDeployment
-from tests.servers import PostgresServer
+from benchmarks.harness.chaos import NEEDS_TEXTURES_ROOT, POSTGRES_ONLY, SCENARIOS, ChaosDeployment
+from benchmarks.harness.servers import PostgresServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_json
-from tests.integration.conftest import Deployment, make_deployment
+from benchmarks.harness.cli import run_json
+from tests.helpers.deployment import Deployment, make_deployment
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import pytest
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
 from adqueue.store.models import Model, Run, Shard
-from tests.conftest import FAST_MVG, run_cli, run_json
-from tests.integration.conftest import Deployment, make_deployment
+from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
+from tests.helpers.deployment import Deployment, make_deployment
 
 pytestmark = pytest.mark.integration
 

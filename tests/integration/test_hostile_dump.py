@@ -9,15 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from sqlalchemy import func, select
 
 from adqueue.data.paths import to_os
 from adqueue.store.models import Result
 from adqueue.store.session import Store
-from tests.conftest import FAST_MVG, run_cli, run_json
-from tests.hostile import ODD_NAMES, build_hostile_dump
-from tests.integration.conftest import Deployment, database_for, make_deployment
+from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
+from tests.helpers.hostile import ODD_NAMES, build_hostile_dump
+from tests.helpers.deployment import Deployment, database_for, make_deployment
 
 pytestmark = pytest.mark.integration
 MAX_FILE_MB = 2

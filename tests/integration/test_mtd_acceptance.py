@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import datasets_or_skip, run_json
-from tests.integration.conftest import make_deployment
+from benchmarks.harness.cli import run_json
+from tests.helpers.datasets import datasets_or_skip
+from tests.helpers.deployment import make_deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.datasets]
 

@@ -24,7 +24,7 @@ from adqueue.store.migrate import ensure_schema, head_revision
 from adqueue.store.models import Base
 from adqueue.store.read_only_sql import run_read_only
 from adqueue.store.session import Store, make_engine
-from tests.servers import create_database
+from benchmarks.harness.servers import create_database
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_MVG, run_json
-from tests.integration.conftest import Deployment
+from benchmarks.harness.cli import FAST_MVG, run_json
+from tests.helpers.deployment import Deployment
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, timedelta
 from collections.abc import Iterator
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,10 @@ from adqueue.jobs.control import cancel_job
 from adqueue.jobs.reconcile import reconcile
 from adqueue.jobs.submit import submit_score
 from adqueue.store.models import Job, JobStatus, Run, Shard
-from tests.conftest import FAST_MVG, run_cli, run_json
-from tests.integration.conftest import database_for, make_deployment
-from tests.servers import wait_until
 from adqueue.workers.producer import CeleryDispatcher
+from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
+from tests.helpers.deployment import database_for, make_deployment
+from benchmarks.harness.servers import wait_until
 
 pytestmark = pytest.mark.integration
 

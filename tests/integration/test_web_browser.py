@@ -24,8 +24,10 @@ from sqlalchemy import func, select
 from adqueue.core.config import sqlite_url
 from adqueue.store.models import Result, Review
 from adqueue.store.session import Store
-from tests.conftest import FAST_MVG, REPO, cli_env, invoke_cli
-from tests.servers import free_port, missing, wait_until
+from benchmarks.harness.cli import FAST_MVG, cli_env
+from tests.helpers.cli import invoke_cli
+from benchmarks.harness.servers import REPO
+from benchmarks.harness.servers import free_port, missing, wait_until
 
 pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")

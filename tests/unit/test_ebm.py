@@ -10,7 +10,7 @@ import torch
 from adqueue.detectors import registry
 from adqueue.detectors.ebm.model import EBMDetector
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
-from adqueue.pipeline.train import TensorImages
+from adqueue.pipeline.images import TensorImages
 
 SIZE = 32
 # A small net, short chains and few updates: the shape of the default training, at test speed.

@@ -10,10 +10,10 @@ import torch
 from scipy.stats import norm
 
 from adqueue.detectors import registry
-from adqueue.detectors.encoder_flow.model import EncoderFlowDetector
 from adqueue.detectors.components.thresholds import calibrate_threshold
+from adqueue.detectors.encoder_flow.model import EncoderFlowDetector
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
-from adqueue.pipeline.train import TensorImages
+from adqueue.pipeline.images import TensorImages
 
 SIZE = 32
 # Tiny on purpose: the whole file runs in seconds on one core; defaults are measured on MTD.

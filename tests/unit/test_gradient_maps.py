@@ -4,7 +4,11 @@ import numpy as np
 import torch
 
 from adqueue.detectors.components.gradient_maps import (
-    RunningMoments, channel_norm, image_norm, input_gradient, standardize,
+    RunningMoments,
+    channel_norm,
+    image_norm,
+    input_gradient,
+    standardize,
 )
 from adqueue.detectors.components.photometric import standardize_images
 

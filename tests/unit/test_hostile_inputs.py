@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adqueue.core.config import Settings
+from adqueue.core.errors import ImageError, SourceError
 from adqueue.data.io import decode_bytes, read_image
 from adqueue.data.paths import to_os, to_text
 from adqueue.data.sources import open_source
-from adqueue.core.errors import ImageError, SourceError
 from adqueue.jobs.context import Context
-from tests.hostile import ODD_NAMES, build_hostile_dump
+from tests.helpers.hostile import ODD_NAMES, build_hostile_dump
 
 MAX_MB = 1
 

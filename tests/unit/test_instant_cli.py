@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from adqueue.cli import cli
-from tests.conftest import FAST_MVG, cli_env, invoke_cli, run_cli
-from tests.servers import redis_server
+from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
+from tests.helpers.cli import invoke_cli
+from benchmarks.harness.servers import redis_server
 
 HEAVY = {"torch", "sklearn", "scipy"}
 

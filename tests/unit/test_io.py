@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adqueue.data.io import read_image, read_mask
 from adqueue.core.errors import ImageError
+from adqueue.data.io import read_image, read_mask
 
 
 def _save(path: Path, array: np.ndarray, fmt: str, **kwargs: object) -> Path:

@@ -3,7 +3,7 @@ not computing in this process (reading SQL, submitting to a broker, printing hel
 
 import pytest
 
-from adqueue import malloc_tuning
+from adqueue.core import malloc_tuning
 
 
 def _capture(monkeypatch: pytest.MonkeyPatch) -> list:

@@ -82,7 +82,7 @@ def test_calibrate_threshold_bounds_the_false_alarm_rate() -> None:
 def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import io
 
-    from adqueue.service import evaluation
+    from adqueue.pipeline import evaluate as evaluation
 
     for seq in range(2):
         buffer = io.BytesIO()

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
-from adqueue.pipeline.model_files import file_sha256
+from adqueue.core.hashing import file_sha256
 from adqueue.store.models import Model
-from tests.conftest import FAST_MVG, invoke_cli
+from benchmarks.harness.cli import FAST_MVG
+from tests.helpers.cli import invoke_cli
 
 
 def invoke(data_dir: Path, *args: str, ok: bool = True) -> Result:

@@ -9,8 +9,8 @@ from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.mvg.model import MVGDetector
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
-from adqueue.pipeline.train import TensorImages
-from tests.conftest import load_split, split_masks
+from adqueue.pipeline.images import TensorImages
+from tests.helpers.datasets import load_split, split_masks
 
 FAST = {"backbone": "efficientnet_lite0", "image_size": "128", "levels": "3,4,5,6", "map_levels": "2,3,4"}
 

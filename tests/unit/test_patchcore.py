@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adqueue.core.datadir import load_model, save_model
-from adqueue.core.config import Settings
+from adqueue.core.datadir import DataDir
 from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.components.backbone_specs import default_levels
@@ -15,11 +14,9 @@ from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore.model import PatchCoreDetector, isolation_weights
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
-from adqueue.jobs.context import Context
-from adqueue.pipeline.model_files import load_detector, save_detector
-from adqueue.pipeline.train import TensorImages
-from adqueue.store.models import Model
-from tests.conftest import load_split, split_masks
+from adqueue.pipeline.model_files import RegisteredModel, load_detector, load_model, save_detector, save_model
+from adqueue.pipeline.images import TensorImages
+from tests.helpers.datasets import load_split, split_masks
 
 SIZE = 128
 # The stride-8 level 3 keeps a fine grid at this small size; the channels are pooled to 32 per level.
@@ -120,9 +117,9 @@ def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignor
 
 def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    ctx = Context(Settings.load(data_dir=tmp_path, broker_url=""))
-    artifact = save_detector(ctx, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
-    loaded = load_detector(ctx, Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)).detector
+    data_dir = DataDir(tmp_path)
+    artifact = save_detector(data_dir, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
+    loaded = load_detector(data_dir, RegisteredModel(1, "pc", 1, artifact, None, None)).detector
     assert torch.equal(loaded.memory_bank, detector.memory_bank)
     assert loaded.config.levels == detector.config.levels
     pixels, _ = load_split(root, "test", SIZE)
@@ -215,15 +212,14 @@ def test_level_norm_gives_each_whole_level_unit_length() -> None:
 
 def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrated(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     detector, root = fitted
-    ctx = Context(Settings.load(data_dir=tmp_path, broker_url=""))
-    artifact = save_detector(ctx, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
-    path = ctx.data_dir.resolve(artifact)
+    data_dir = DataDir(tmp_path)
+    artifact = save_detector(data_dir, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
+    path = data_dir.resolve(artifact)
     older = load_model(path)
     del older.config["score_sigma"], older.config["global_weight"]
     older.state = {k: v for k, v in older.state.items() if not k.startswith(("global_gaussians.", "score_norm"))}
     save_model(path, older)
-    model = Model(id=1, name="pc", version=1, artifact_path=artifact, threshold=None)
-    loaded = load_detector(ctx, model).detector
+    loaded = load_detector(data_dir, RegisteredModel(1, "pc", 1, artifact, None, None)).detector
     assert loaded.config.score_sigma == 0.0 and loaded.config.global_weight == 0.0
     pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:4])

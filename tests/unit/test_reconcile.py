@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from adqueue.core.clock import utcnow
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
 from adqueue.jobs.reconcile import reconcile
-from adqueue.store.models import Job, JobStatus, Result, Run, Shard, utcnow
+from adqueue.store.models import Job, JobStatus, Result, Run, Shard
 from adqueue.store.transitions import complete_shard
-from tests.unit.test_store import LEASE, claim, job_with_shards
+from tests.helpers.store import LEASE, claim, job_with_shards
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_MVG, invoke_cli
+from benchmarks.harness.cli import FAST_MVG
+from tests.helpers.cli import invoke_cli
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from adqueue.data.sources import Item, open_source
 from adqueue.core.errors import SourceError
-from tests.conftest import datasets_or_skip
+from adqueue.data.sources import Item, open_source
+from tests.helpers.datasets import datasets_or_skip
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:

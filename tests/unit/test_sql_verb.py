@@ -15,7 +15,7 @@ from adqueue.cli import cli
 from adqueue.core.errors import AdqueueError, ReadOnlyViolation
 from adqueue.store import read_only_sql as queries
 from adqueue.store.session import make_engine
-from tests.conftest import invoke_cli
+from tests.helpers.cli import invoke_cli
 
 # Counts 1, 2, 3, ... for ever: only a row cap or a time limit ends it.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT {} FROM c"

@@ -27,7 +27,9 @@ from adqueue.store.models import (
     ShardStatus,
     utcnow,
 )
+from adqueue.store.results import upsert_results
 from adqueue.store.session import Store
+from tests.helpers.store import LEASE, claim, job_with_shards, rows
 from adqueue.store.transitions import (
     ClaimedShard,
     claim_shard,
@@ -36,12 +38,9 @@ from adqueue.store.transitions import (
     release_shard,
     renew_shard_lease,
     reopen_job,
-    stop_job,
-    upsert_results,
+    cancel_job,
+    interrupt_job,
 )
-
-LEASE = timedelta(seconds=30)
-
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
@@ -62,35 +61,6 @@ def test_sqlite_runs_in_wal_mode(store: Store) -> None:
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30000
-
-
-def job_with_shards(store: Store, n_shards: int = 2, kind: str = "score") -> tuple[int, list[int]]:
-    with store.session() as session:
-        model = Model(name=f"m{utcnow().timestamp()}", version=1, detector="mvg", params={}, artifact_path="x",
-                      threshold=1.0)
-        session.add(model)
-        session.flush()
-        job = Job(kind=kind, status=JobStatus.QUEUED, model_id=model.id, source="/data", params={},
-                  queue="q", submitted_at=utcnow())
-        session.add(job)
-        session.flush()
-        shards = [Shard(job_id=job.id, seq=i, n_items=2, items=[[f"/d/{i}a.png", None, None, None],
-                                                                  [f"/d/{i}b.png", None, None, None]])
-                  for i in range(n_shards)]
-        session.add_all(shards)
-        session.flush()
-        return job.id, [s.id for s in shards]
-
-
-def rows(claimed: ClaimedShard, score: float) -> list[dict]:
-    return [{"path": path, "score": score, "is_anomaly": score > 1, "scored_at": utcnow()}
-            for path, *_ in claimed.items]
-
-
-def claim(store: Store, shard_id: int, worker: str = "w", at: timedelta = timedelta(0)) -> ClaimedShard | None:
-    now = utcnow() + at
-    with store.session() as session:
-        return claim_shard(session, shard_id, worker, lease_until=now + LEASE, now=now)
 
 
 def test_a_second_delivery_of_a_held_shard_claims_nothing_and_costs_no_attempt(store: Store) -> None:
@@ -171,8 +141,7 @@ def test_cancel_stops_held_runs_and_resume_runs_only_what_is_not_done(store: Sto
     with store.session() as session:
         complete_shard(session, done, rows(done, 1.0), n_ok=2, n_failed=0)
     with store.session() as session:
-        assert stop_job(session, job_id, status=JobStatus.CANCELLED, error="cancelled", shards_to=ShardStatus.CANCELLED,
-                        outcome=RunOutcome.CANCELLED)
+        assert cancel_job(session, job_id, "cancelled")
     with store.session() as session:
         assert renew_shard_lease(session, b, running.run_id, utcnow() + LEASE) is False  # stops at its next batch
         assert complete_shard(session, running, rows(running, 1.0), n_ok=2, n_failed=0) is False
@@ -209,8 +178,7 @@ def test_a_stopped_process_gives_its_attempt_back(store: Store) -> None:
     job_id, (a, b) = job_with_shards(store, 2)
     claim(store, a)
     with store.session() as session:
-        stop_job(session, job_id, status=JobStatus.FAILED, error="interrupted", shards_to=ShardStatus.QUEUED,
-                 outcome=RunOutcome.INTERRUPTED, attempt_counts=False)
+        interrupt_job(session, job_id, "interrupted")
     with store.session() as session:
         shards = session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.seq)).all()
         assert [(s.status, s.attempts) for s in shards] == [("queued", 0), ("queued", 0)]

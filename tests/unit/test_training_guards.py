@@ -11,15 +11,16 @@ from click.testing import Result
 
 from adqueue.core.errors import AdqueueError
 from adqueue.detectors.components.thresholds import calibrate_threshold, gaussian_bound
-from adqueue.pipeline.train import (
+from adqueue.jobs.train_settings import split_train_settings
+from adqueue.pipeline.calibrate import (
     MIN_CALIB_IMAGES,
     Calibration,
     calibration_warnings,
     check_scores_finite,
     check_threshold,
-    split_train_settings,
 )
-from tests.conftest import FAST_MVG, invoke_cli
+from benchmarks.harness.cli import FAST_MVG
+from tests.helpers.cli import invoke_cli
 
 # encoder_flow at its smallest: trains in about a second, and its threshold rule extrapolates.
 TINY_FLOW = ["--detector", "encoder_flow", "--set", "image_size=32", "--set", "ae_epochs=1", "--set", "flow_epochs=1",

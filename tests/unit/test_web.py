@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 
 from adqueue.core.config import Settings, sqlite_url
 from adqueue.jobs.context import Context
-from adqueue.store import web_queries
+from adqueue.web import queries as web_queries
 from adqueue.store.models import (
     Base,
     Job,
@@ -39,7 +39,9 @@ from adqueue.store.models import (
 from adqueue.web import pages
 from adqueue.web.app import create_app
 from adqueue.web.drift import KS_CUTOFF, ks_statistic
-from tests.conftest import FAST_MVG, REPO, invoke_cli
+from benchmarks.harness.cli import FAST_MVG
+from tests.helpers.cli import invoke_cli
+from benchmarks.harness.servers import REPO
 
 with warnings.catch_warnings():  # Starlette 1.x prefers the httpx2 fork for its TestClient; httpx works
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
@@ -406,7 +408,7 @@ def fill_synthetic(context: Context) -> int:
 
 
 def test_pages_read_the_same_on_postgresql(tmp_path: Path) -> None:
-    from tests.servers import create_database, postgres_server
+    from benchmarks.harness.servers import create_database, postgres_server
 
     pages_html: dict[str, list[str]] = {}
     with postgres_server() as server:

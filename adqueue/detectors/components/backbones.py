@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-# The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
-from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
 from adqueue.core.errors import BackboneUnavailable
 from adqueue.core.hashing import file_sha256
+
+# The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
+from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -205,7 +206,7 @@ def load_backbone(name: str) -> FeatureExtractor:
 def _load_state(path: Path) -> dict[str, Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise BackboneUnavailable(f"cannot load weights from {path}: {exc}") from exc
 
 

@@ -24,19 +24,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.base import Detector, FitReport, Scores
 from adqueue.detectors.components.augment import (
-    Transforms, evenly_spread_transforms, random_transforms, rotate, spread_indices,
+    Transforms,
+    evenly_spread_transforms,
+    random_transforms,
+    rotate,
+    spread_indices,
 )
 from adqueue.detectors.components.backbones import FeatureExtractor, load_backbone
 from adqueue.detectors.components.flows import (
-    CouplingFlow, FlowSpec, FlowTraining, fit_flow, negative_log_likelihood,
+    CouplingFlow,
+    FlowSpec,
+    FlowTraining,
+    fit_flow,
+    negative_log_likelihood,
 )
 from adqueue.detectors.components.gradient_maps import blurred_abs_sum, input_gradient
 from adqueue.detectors.differnet.config import SCORES, DifferNetConfig, feature_levels
 from adqueue.detectors.differnet.config import validate as validate_differnet_config
-from adqueue.core.progress import NullProgress, Progress
 
 
 class MultiScalePooled(nn.Module):

@@ -55,16 +55,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.base import Detector, FitReport, Scores
 from adqueue.detectors.components.gradient_maps import (
-    RunningMoments, channel_norm, image_norm, input_gradient, standardize,
+    RunningMoments,
+    channel_norm,
+    image_norm,
+    input_gradient,
+    standardize,
 )
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
 from adqueue.detectors.ebm.config import EBMConfig
 from adqueue.detectors.ebm.config import validate as validate_ebm_config
-from adqueue.core.progress import NullProgress, Progress
 
 
 class EnergyNet(nn.Module):

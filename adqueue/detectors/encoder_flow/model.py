@@ -32,16 +32,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.base import Detector, FitReport, Scores
 from adqueue.detectors.components.flows import CouplingFlow, FlowSpec, FlowTraining, fit_flow
 from adqueue.detectors.components.gradient_maps import channel_norm, input_gradient
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
+from adqueue.detectors.components.thresholds import calibrate_threshold, gaussian_bound
 from adqueue.detectors.encoder_flow.config import AUGMENTS, EncoderFlowConfig
 from adqueue.detectors.encoder_flow.config import validate as validate_encoder_flow_config
-from adqueue.detectors.components.thresholds import calibrate_threshold, gaussian_bound
-from adqueue.core.progress import NullProgress, Progress
 
 
 def _widths(cfg: EncoderFlowConfig) -> list[int]:
@@ -94,6 +94,7 @@ def view(images: Tensor, index: int) -> Tensor:
 
 class EncoderFlowDetector(Detector):
     name = "encoder_flow"
+    extrapolating_threshold = True  # TEMP
     Config = EncoderFlowConfig
     min_fit_images = 16  # AE and flow from scratch: on fewer, the latent density is a handful of points
     costly_maps = True  # the default map is a backward pass through flow and encoder

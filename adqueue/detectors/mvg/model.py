@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.base import Detector, FitReport, Scores
 from adqueue.detectors.components.backbones import load_backbone
@@ -26,7 +27,6 @@ from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.mvg.config import MVGConfig
 from adqueue.detectors.mvg.config import validate as validate_mvg_config
-from adqueue.core.progress import NullProgress, Progress
 
 
 class MVGDetector(Detector):

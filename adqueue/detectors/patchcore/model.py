@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
 from adqueue.detectors.base import Detector, FitReport, Scores
 from adqueue.detectors.components.backbones import load_backbone
@@ -42,7 +43,6 @@ from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore.config import PatchCoreConfig
 from adqueue.detectors.patchcore.config import validate as validate_patchcore_config
-from adqueue.core.progress import NullProgress, Progress
 
 GLOBAL_MIN_IMAGES = 16  # as mvg's minimum: OPCA's least-variance axes are noise below it
 HELD_OUT_IMAGES = 64  # training images whose patch score, without their own bank rows, sets its scale

@@ -1,7 +1,9 @@
-"""Throwaway servers for tests: redis-server and PostgreSQL on free ports, and worker processes.
+"""Throwaway servers for tests and benchmarks: redis-server and PostgreSQL on free ports, and
+worker processes.
 
-Nothing already running on this machine is used. When a server binary is missing the test is
-skipped with the reason, unless ADQUEUE_REQUIRE_SERVERS=1 (set by .ci/run), where it fails.
+Nothing already running on this machine is used. When a server binary is missing a test is
+skipped with the reason, unless ADQUEUE_REQUIRE_SERVERS=1 (set by .ci/run), where it fails; a
+benchmark stops with the reason.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -33,6 +33,10 @@ def free_port() -> int:
 
 def missing(what: str) -> None:
     message = f"{what} not found: install it (Debian: apt-get install {what.split()[0]}) or run .ci/run"
+    if "pytest" not in sys.modules:
+        raise SystemExit(message)
+    import pytest
+
     if os.environ.get("ADQUEUE_REQUIRE_SERVERS") == "1":
         pytest.fail(message)
     pytest.skip(message)

@@ -26,8 +26,8 @@ from sqlalchemy import func, select
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
 from adqueue.store.models import Job, JobStatus, Result, Run, RunKind, RunOutcome, Shard, ShardStatus
-from tests.conftest import FAST_MVG, cli_env, run_cli
-from tests.servers import REPO, PostgresServer, RedisServer, Worker, create_database, wait_until
+from .cli import FAST_MVG, cli_env, run_cli
+from .servers import REPO, PostgresServer, RedisServer, Worker, create_database, wait_until
 
 LEASE_S = 6.0
 INTERVAL_S = 1.5
@@ -138,7 +138,7 @@ class ChaosDeployment:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
 
     def submit_score(self, dump: Path, shard_size: int) -> int:
-        """Submitted from this process, through the service the CLI calls: it returns the moment
+        """Submitted from this process, through the job code the CLI calls: it returns the moment
         the shards are queued, so a scenario can watch the job from its very start."""
         from adqueue.jobs.submit import submit_score
         from adqueue.workers.producer import CeleryDispatcher

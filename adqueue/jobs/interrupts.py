@@ -1,0 +1,72 @@
+"""Stopping a job that runs in this process (the embedded default) so that `resume` completes it.
+
+SIGTERM and SIGHUP raise Interrupted inside `signals_interrupt()`, as Ctrl-C raises
+KeyboardInterrupt; `interruptions_marked` turns either into a job marked failed with the
+`adqueue resume` command that completes it, its open shards queued again and the interrupted
+attempts not counted.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from adqueue.core.errors import Interrupted
+from adqueue.jobs.context import Context
+from adqueue.store.transitions import interrupt_job
+
+_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+# The signal last received inside signals_interrupt(). Its exception can be lost: raised in the
+# middle of a database driver's call, it can be replaced by the driver's own error on the way out
+# (psycopg: "can't change 'autocommit' now") and then handled as a failed shard. The shard loop
+# checks this between shards, so the run still stops.
+_received: int | None = None
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    global _received
+    _received = signum
+    raise Interrupted(signum, _SIGNALS.get(signum, str(signum)))
+
+
+def raise_if_signalled() -> None:
+    """Raise Interrupted if a signal arrived inside signals_interrupt() whose exception was lost."""
+    if _received is not None:
+        raise Interrupted(_received, _SIGNALS.get(_received, str(_received)))
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted here, as Ctrl-C raises KeyboardInterrupt, so a job
+    running in this process is marked for `resume` on the way out rather than left `running`."""
+    global _received
+    _received = None
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        _received = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def interruptions_marked(ctx: Context, job_id: int) -> Iterator[None]:
+    """A signal (Interrupted) or Ctrl-C while this process works on the job marks it for `resume`."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as exc:
+        mark_interrupted(ctx, job_id, exc.name if isinstance(exc, Interrupted) else "SIGINT (Ctrl-C)")
+        exc.job_id = job_id  # type: ignore[union-attr]  # read by the CLI for its last line
+        raise
+
+
+def mark_interrupted(ctx: Context, job_id: int, signal_name: str) -> None:
+    """The job stops as `failed` with the command that completes it; its open shards wait queued
+    and the interrupted attempts are not counted."""
+    error = f"interrupted by {signal_name}; `adqueue resume {job_id}` completes it"
+    with ctx.store.session() as session:
+        interrupt_job(session, job_id, error)

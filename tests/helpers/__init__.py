@@ -1,0 +1,1 @@
+"""Code the tests share (fixtures stay in conftest.py files)."""
