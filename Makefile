@@ -1,10 +1,10 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both build .venv from
-# pyproject.toml on first use (torch + torchvision from the package registry: ~2 min, ~5 GB).
+# The two set-up commands of the README: `make demo` and `make test` (lint, type check, every
+# test). Both build .venv from pyproject.toml on first use (torch + torchvision from the package registry: ~2 min, ~5 GB).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test unit integration bench clean
+.PHONY: demo test lint unit integration bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/adqueue demo
 
-test: $(VENV)/.installed
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests/unit

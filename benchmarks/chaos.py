@@ -19,9 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-from adqueue.cli.demo import build_dataset
 from harness.chaos import (
     BOUND_S,
     INTERVAL_S,
@@ -34,6 +31,10 @@ from harness.chaos import (
     Outcome,
 )
 from harness.servers import PostgresServer
+
+from adqueue.cli.demo import build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(database: str, scenarios: list[str], folder: Path, root: Path, dump: Path) -> list[Outcome]:

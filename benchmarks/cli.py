@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from harness.servers import redis_server
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def adqueue(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

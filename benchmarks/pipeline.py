@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 import numpy as np
 import torch
 from PIL import Image
@@ -31,8 +29,10 @@ from adqueue.detectors import registry
 from adqueue.pipeline.images import TensorImages
 from adqueue.store.migrate import ensure_schema
 from adqueue.store.models import Job, Result
-from adqueue.store.session import Store
 from adqueue.store.results import upsert_results
+from adqueue.store.session import Store
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_images(folder: Path, count: int, size: int = 512) -> list[Item]:

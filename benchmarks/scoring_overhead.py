@@ -17,12 +17,9 @@ compare commits: the script imports the adqueue beside it.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 import torch
 
@@ -37,6 +34,8 @@ from adqueue.jobs.submit import submit_score, submit_train
 from adqueue.runners.inline import InlineDispatcher
 from adqueue.runners.models import ModelCache
 from adqueue.store.queries import resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness.servers import Worker, redis_server
 
 from adqueue.cli.demo import build_dataset
-from harness.servers import Worker, redis_server
+
+REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS = {
     "fast": ["--backbone", "efficientnet_lite0", "--set", "image_size=128"],

@@ -4,7 +4,7 @@
 """
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from adqueue.store.models import Base
 
@@ -12,7 +12,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure_and_run(connection) -> None:  # type: ignore[no-untyped-def]
+def _configure_and_run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -28,6 +28,8 @@ if connection is not None:
     _configure_and_run(connection)
 else:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise SystemExit("no database: run `adqueue db upgrade`, or alembic with -x url=DATABASE_URL")
     engine = create_engine(url)
     with engine.begin() as conn:
         _configure_and_run(conn)

@@ -61,7 +61,7 @@ _lock = threading.Lock()  # the reconciler thread and the task thread may ask at
 
 
 def current_runtime() -> WorkerRuntime:
-    global _runtime
+    global _runtime  # noqa: PLW0603 - one runtime per process, built on first use
     with _lock:
         if _runtime is None or _runtime.name != f"{socket.gethostname()}:{os.getpid()}":
             _runtime = WorkerRuntime(Settings.load())
@@ -71,7 +71,7 @@ def current_runtime() -> WorkerRuntime:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     """A prefork child: start with a fresh runtime and its share of the CPU threads."""
-    global _runtime
+    global _runtime  # noqa: PLW0603 - the parent's runtime must not be used after the fork
     _runtime = None
     children = int(os.environ.get("ADQUEUE_WORKER_CONCURRENCY", "1"))
     if not os.environ.get("ADQUEUE_TORCH_THREADS"):

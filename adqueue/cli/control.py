@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from adqueue.cli import cli, settings_from
 from adqueue.cli.output import emit_object, format_option, info
 from adqueue.cli.submit import device_option, report_job, run_with_dispatcher, wait_option
 from adqueue.jobs.context import Context
+
+if TYPE_CHECKING:
+    from adqueue.jobs.ports import Dispatcher
+    from adqueue.jobs.submit import Submitted
 
 
 @cli.command()
@@ -38,12 +44,12 @@ def resume(ctx: click.Context, job_id: int, device: str | None, wait: bool, fmt:
     from adqueue.jobs.control import resume_job
     from adqueue.jobs.submit import describe_job
 
-    def resume_and_describe(context: Context, dispatcher: object) -> object:
-        resume_job(context, dispatcher, job_id)  # type: ignore[arg-type]
+    def resume_and_describe(context: Context, dispatcher: Dispatcher) -> Submitted:
+        resume_job(context, dispatcher, job_id)
         return describe_job(context, job_id)
 
     context, submitted = run_with_dispatcher(ctx, device, resume_and_describe)
-    report_job(context, submitted, fmt, wait)  # type: ignore[arg-type]
+    report_job(context, submitted, fmt, wait)
 
 
 @cli.command()
@@ -58,7 +64,7 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
 
     settings = settings_from(ctx)
     context = Context(settings)
-    dispatchers: dict[str | None, object] = {}
+    dispatchers: dict[str | None, Dispatcher] = {}
     if settings.embedded:  # an evaluation whose process died after its last shard finishes here (torch-free)
         from adqueue.core.progress import NullProgress
         from adqueue.jobs.ports import NullScoreProgress
@@ -69,7 +75,7 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
         from adqueue.workers.producer import CeleryDispatcher
 
         dispatchers[settings.queue] = CeleryDispatcher(settings)
-    report = reconcile_pass(context, dispatchers, worker="adqueue-reconcile")  # type: ignore[arg-type]
+    report = reconcile_pass(context, dispatchers, worker="adqueue-reconcile")
     if fmt == "table":
         info(f"reconciled: {report.describe()}")
     else:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from adqueue.cli.output import stderr_console
 from adqueue.core.clock import utcnow
@@ -32,7 +40,7 @@ class TrainBar:
 
     def __init__(self) -> None:
         self._progress = _bar()
-        self._task: int | None = None
+        self._task: TaskID | None = None
         self._progress.start()
 
     def phase(self, name: str, total: int) -> None:
@@ -43,7 +51,10 @@ class TrainBar:
     def advance(self, n: int = 1, **info: float) -> None:
         if self._task is not None:
             text = " ".join(f"{key}={value:.4g}" for key, value in info.items())
-            self._progress.update(self._task, advance=n, **({"info": text} if text else {}))
+            if text:
+                self._progress.update(self._task, advance=n, info=text)
+            else:
+                self._progress.update(self._task, advance=n)
 
     def stop(self) -> None:
         self._progress.stop()
@@ -52,7 +63,7 @@ class TrainBar:
 class ScoreBar:
     def __init__(self) -> None:
         self._progress = _bar()
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def start(self, total: int, description: str) -> None:
         self._progress.start()

@@ -138,8 +138,8 @@ class Settings:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
-    def with_overrides(self, **changes: object) -> Settings:
-        updated = replace(self, **changes)  # type: ignore[arg-type]
+    def with_overrides(self, **changes: Any) -> Settings:
+        updated = replace(self, **changes)
         updated.validate()
         return updated
 

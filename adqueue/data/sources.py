@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from adqueue.core.errors import SourceError
 from adqueue.data.paths import to_os, to_text
@@ -32,9 +33,9 @@ class Item:
         return [self.path, self.label, self.defect, self.mask]
 
     @classmethod
-    def from_row(cls, row: list[object]) -> Item:
+    def from_row(cls, row: list[Any]) -> Item:
         path, label, defect, mask = row
-        return cls(str(path), None if label is None else int(label), defect, mask)  # type: ignore[arg-type]
+        return cls(str(path), None if label is None else int(label), defect, mask)
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,12 @@ def walk_order(root: Path, path: str) -> tuple[tuple[int, str], ...]:
     """A sort key that orders paths exactly as _folder_items yields them: a folder's files (by
     name) before its subfolders (by name), depth first."""
     parts = Path(path).relative_to(root).parts
-    return tuple((1, part) for part in parts[:-1]) + ((0, parts[-1]),)
+    return (*tuple((1, part) for part in parts[:-1]), (0, parts[-1]))
 
 
 def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) -> Iterator[Item]:
     last = None
-    for last in islice(items, count):
+    for last in islice(items, count):  # noqa: B007 - only the last one skipped is wanted
         pass
     if last is None or last.path != last_path:
         raise SourceError(f"{what} changed since its submission started: submit it again as a new job")

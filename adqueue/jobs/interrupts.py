@@ -17,7 +17,7 @@ from adqueue.core.errors import Interrupted
 from adqueue.jobs.context import Context
 from adqueue.store.transitions import interrupt_job
 
-_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+_SIGNALS: dict[int, str] = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 # The signal last received inside signals_interrupt(). Its exception can be lost: raised in the
 # middle of a database driver's call, it can be replaced by the driver's own error on the way out
@@ -27,7 +27,7 @@ _received: int | None = None
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:
-    global _received
+    global _received  # noqa: PLW0603 - a signal handler can only leave its note in module state
     _received = signum
     raise Interrupted(signum, _SIGNALS.get(signum, str(signum)))
 
@@ -42,7 +42,7 @@ def raise_if_signalled() -> None:
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Interrupted here, as Ctrl-C raises KeyboardInterrupt, so a job
     running in this process is marked for `resume` on the way out rather than left `running`."""
-    global _received
+    global _received  # noqa: PLW0603 - see _raise_interrupted
     _received = None
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
     try:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from adqueue.core.clock import utcnow
 from adqueue.core.errors import AdqueueError, SourceError
 from adqueue.core.failpoints import failpoint
@@ -184,10 +186,12 @@ def _write_shards(
     chunks = iter(lambda: [item.to_row() for item in islice(items, shard_size)], [])
     while batch := list(islice(chunks, SHARDS_PER_COMMIT)):
         seq, left_out = first_seq + n_shards, skipped()
-        ids = ctx.store.transaction(
-            lambda session, batch=batch, seq=seq, left_out=left_out: add_shards(
-                session, held, seq, batch, lease_until=lease_until(ctx), skipped=left_out),
-            retry_s=DB_RETRY_S)
+
+        def write(session: Session, batch: list[list[Any]] = batch, seq: int = seq, left_out: int = left_out,
+                  ) -> list[int] | None:
+            return add_shards(session, held, seq, batch, lease_until=lease_until(ctx), skipped=left_out)
+
+        ids = ctx.store.transaction(write, retry_s=DB_RETRY_S)
         if ids is None:
             raise LeaseLost(f"the submission of job {held.job_id} lost its lease (cancelled?)")
         failpoint("submit.after_commit")

@@ -98,8 +98,8 @@ def _pixel_metrics(
     for file in files:
         progress.advance()
         with np.load(file) as saved:
-            for path, amap in zip(saved["paths"], saved["maps"][:, ::stride, ::stride], strict=True):
-                path = str(path)
+            for stored_path, amap in zip(saved["paths"], saved["maps"][:, ::stride, ::stride], strict=True):
+                path = str(stored_path)
                 label = labels.get(path)
                 mask_path = masks.get(path)
                 if label is None or (label == 1 and not mask_path):

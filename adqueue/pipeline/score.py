@@ -98,7 +98,9 @@ def _maps_for_flagged(detector: Detector, pixels: torch.Tensor, threshold: float
     maps = torch.zeros((len(pixels), *pixels.shape[-2:]))
     if flagged.any():
         picked = flagged.nonzero()[:, 0]
-        maps[picked] = detector.score(pixels[picked.to(pixels.device)], with_maps=True).maps
+        picked_maps = detector.score(pixels[picked.to(pixels.device)], with_maps=True).maps
+        assert picked_maps is not None, "asked for with_maps=True"
+        maps[picked] = picked_maps
     return Scores(image=scores.image, maps=maps, extra=scores.extra)
 
 
@@ -140,7 +142,7 @@ def kept_map(amap: np.ndarray) -> np.ndarray:
     merges neighbours at its 3 significant digits. NaN becomes the map's lowest value."""
     amap = np.asarray(amap, dtype=np.float32)
     return np.nan_to_num(amap, nan=float(np.nanmin(amap)) if np.isfinite(amap).any() else 0.0,
-                         posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
+                         posinf=float(np.finfo(np.float32).max), neginf=float(np.finfo(np.float32).min))
 
 
 def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:

@@ -101,5 +101,6 @@ def _job_metrics(ctx: Context, job_id: int, progress: JobProgress) -> dict[str, 
             for seq, run_id in session.execute(
                 select(Shard.seq, Shard.run_id).where(Shard.job_id == job_id, Shard.status == ShardStatus.DONE)
                 .order_by(Shard.seq))
+            if run_id is not None  # a done shard always has the run that closed it
         ]
     return compute_metrics(rows, masks, map_files, threshold, progress)

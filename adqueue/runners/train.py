@@ -109,7 +109,7 @@ def register(ctx: Context, held: ClaimedJob, params: dict[str, Any], trained: Tr
             session.flush()
             session.add_all(self_check_metrics(model.id, held.job_id, extra["self_check"]))
             if not end_job_run(session, held, status=JobStatus.DONE, model_id=model.id, phase="done",
-                               **trained.counts):
+                               n_total=trained.counts["n_total"], n_done=trained.counts["n_done"]):
                 raise LeaseLost(f"train job {held.job_id} lost its lease before registering")
             return model.id
 

@@ -23,13 +23,15 @@ def upsert_results(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         return
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement = postgresql.insert(Result)
+        pg = postgresql.insert(Result)
+        statement: Any = pg.on_conflict_do_update(
+            index_elements=[Result.job_id, Result.path],
+            set_={column: pg.excluded[column] for column in _RESULT_UPDATE_COLUMNS})
     elif dialect == "sqlite":
-        statement = sqlite.insert(Result)
+        lite = sqlite.insert(Result)
+        statement = lite.on_conflict_do_update(
+            index_elements=[Result.job_id, Result.path],
+            set_={column: lite.excluded[column] for column in _RESULT_UPDATE_COLUMNS})
     else:  # pragma: no cover - guarded by Settings.validate
         raise RuntimeError(f"unsupported dialect {dialect}")
-    statement = statement.on_conflict_do_update(
-        index_elements=[Result.job_id, Result.path],
-        set_={column: statement.excluded[column] for column in _RESULT_UPDATE_COLUMNS},
-    )
     session.execute(statement, list(rows))

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 def normalize_url(url: str) -> str:
     """Accept plain postgresql:// URLs and pick psycopg 3, the driver we ship."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -65,7 +65,7 @@ def make_engine(url: str, *, read_only: bool = False, timeout_s: float | None = 
     if read_only:
 
         @event.listens_for(engine, "connect")
-        def _pg_read_only(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _pg_read_only(dbapi_connection: Any, _record: Any) -> None:
             _pg_read_only_session(dbapi_connection, timeout_s)
 
     return engine
@@ -136,7 +136,7 @@ def _sqlite_engine(url: str, *, read_only: bool, timeout_s: float | None = None)
     engine = create_engine(url, connect_args={"timeout": busy_ms / 1000}, **read_only_file)
 
     @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event, not the sqlite3 module, decide when transactions start.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -150,7 +150,7 @@ def _sqlite_engine(url: str, *, read_only: bool, timeout_s: float | None = None)
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin(connection):  # type: ignore[no-untyped-def]
+    def _begin(connection: Any) -> None:
         if read_only and timeout_s:
             _sqlite_deadline(connection.connection.driver_connection, timeout_s)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

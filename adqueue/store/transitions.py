@@ -28,9 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, exists, false, func, insert, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from adqueue.core.clock import aware, utcnow
@@ -71,6 +72,11 @@ class ClaimedJob:
     attempts: int
 
 
+def _changed(session: Session, statement: Any) -> int:
+    """How many rows a guarded UPDATE changed: whether this caller won its guard."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 # --- runs -------------------------------------------------------------------------------------
 
 
@@ -102,7 +108,7 @@ def claim_shard(session: Session, shard_id: int, worker: str, *, lease_until: da
     """Take a queued shard, or one whose lease expired; None if it is held, closed or gone."""
     now = now or utcnow()
     previous_run = session.scalar(select(Shard.run_id).where(Shard.id == shard_id))
-    won = session.execute(
+    won = _changed(session,
         update(Shard)
         .where(Shard.id == shard_id, or_(
             Shard.status == ShardStatus.QUEUED,
@@ -110,7 +116,7 @@ def claim_shard(session: Session, shard_id: int, worker: str, *, lease_until: da
         ))
         .values(status=ShardStatus.RUNNING, attempts=Shard.attempts + 1, worker=worker, started_at=now,
                 lease_expires_at=lease_until)
-    ).rowcount
+    )
     if not won:
         return None
     end_run(session, previous_run, RunOutcome.EXPIRED, "lease expired; taken over by " + worker, now)
@@ -133,8 +139,8 @@ def _held(shard_id: int, run_id: int) -> Any:
 
 def renew_shard_lease(session: Session, shard_id: int, run_id: int, lease_until: datetime) -> bool:
     """Extend the lease; False if this run no longer holds the shard (expired, cancelled)."""
-    return bool(session.execute(update(Shard).where(_held(shard_id, run_id))
-                                .values(lease_expires_at=lease_until)).rowcount)
+    return bool(_changed(session, update(Shard).where(_held(shard_id, run_id))
+                                .values(lease_expires_at=lease_until)))
 
 
 def complete_shard(
@@ -143,10 +149,10 @@ def complete_shard(
 ) -> bool:
     """Close the shard, write its rows and add its counts to the job, only if this run holds it."""
     now = now or utcnow()
-    won = session.execute(
+    won = _changed(session,
         update(Shard).where(_held(claimed.shard_id, claimed.run_id))
         .values(status=status, finished_at=now, error=error, lease_expires_at=None, n_ok=n_ok, n_failed=n_failed)
-    ).rowcount
+    )
     if not won:
         return False
     upsert_results(session, [{**row, "job_id": claimed.job_id, "shard_id": claimed.shard_id,
@@ -167,8 +173,7 @@ def release_shard(session: Session, claimed: ClaimedShard, error: str, *, retry_
                               "error": error, "enqueued_at": retry_at}
     if not counted:
         values["attempts"] = Shard.attempts - 1
-    won = bool(session.execute(update(Shard).where(_held(claimed.shard_id, claimed.run_id)).values(**values))
-               .rowcount)
+    won = bool(_changed(session, update(Shard).where(_held(claimed.shard_id, claimed.run_id)).values(**values)))
     outcome = (RunOutcome.RELEASED if counted else RunOutcome.INTERRUPTED) if won else RunOutcome.LOST
     end_run(session, claimed.run_id, outcome, error, now)
     return won
@@ -176,12 +181,12 @@ def release_shard(session: Session, claimed: ClaimedShard, error: str, *, retry_
 
 def requeue_expired_shard(session: Session, shard_id: int, run_id: int, now: datetime) -> bool:
     """The reconciler takes back a shard whose run stopped renewing its lease (a dead worker)."""
-    won = session.execute(
+    won = _changed(session,
         update(Shard)
         .where(_held(shard_id, run_id), Shard.lease_expires_at < now)
         .values(status=ShardStatus.QUEUED, run_id=None, lease_expires_at=None, enqueued_at=None,
                 error="the worker running it stopped renewing its lease (lost or hung)")
-    ).rowcount
+    )
     if won:
         end_run(session, run_id, RunOutcome.EXPIRED, "lease expired", now)
     return bool(won)
@@ -192,11 +197,11 @@ def give_up_shard(session: Session, shard_id: int, run_id: int, error: str, *, m
     """Fail the shard after its last attempt, with an error row per image so none goes missing."""
     now = now or utcnow()
     guard = [_held(shard_id, run_id)] + ([Shard.lease_expires_at < now] if only_if_expired else [])
-    won = session.execute(
+    won = _changed(session,
         update(Shard).where(*guard)
         .values(status=ShardStatus.FAILED, finished_at=now, error=error, lease_expires_at=None,
                 n_ok=0, n_failed=len(items))
-    ).rowcount
+    )
     if not won:
         return False
     job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
@@ -257,12 +262,12 @@ def claim_submission(session: Session, job_id: int, worker: str, *, lease_until:
     `reopen` (resume), one that was stopped, failed or cancelled."""
     now = now or utcnow()
     statuses = or_(and_(Job.status == JobStatus.SUBMITTING, Job.lease_expires_at < now),
-                   Job.status.in_((JobStatus.FAILED, JobStatus.CANCELLED)) if reopen else False)
-    won = session.execute(
+                   Job.status.in_((JobStatus.FAILED, JobStatus.CANCELLED)) if reopen else false())
+    won = _changed(session,
         update(Job).where(Job.id == job_id, Job.submitted_at.is_(None), Job.kind != JobKind.TRAIN, statuses)
         .values(status=JobStatus.SUBMITTING, lease_expires_at=lease_until, error=None, finished_at=None,
                 queue=queue, attempts=Job.attempts + 1)
-    ).rowcount
+    )
     if not won:
         return None
     job = session.get_one(Job, job_id, populate_existing=True)
@@ -293,11 +298,11 @@ def end_submission(session: Session, held: ClaimedJob, now: datetime | None = No
     now = now or utcnow()
     started = exists().where(Shard.job_id == held.job_id, Shard.status != ShardStatus.QUEUED)
     total = select(func.coalesce(func.sum(Shard.n_items), 0)).where(Shard.job_id == held.job_id).scalar_subquery()
-    won = session.execute(
+    won = _changed(session,
         update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status == JobStatus.SUBMITTING)
         .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED), n_total=total,
                 submitted_at=now, lease_expires_at=None, attempts=0, n_skipped=Job.n_skipped + skipped)
-    ).rowcount
+    )
     if won:
         end_run(session, held.run_id, RunOutcome.DONE, now=now)
     return bool(won)
@@ -309,11 +314,11 @@ def end_submission(session: Session, held: ClaimedJob, now: datetime | None = No
 def _claim_job(session: Session, job_id: int, kind: str, claimable: Any, status: str, worker: str,
                lease_until: datetime, now: datetime) -> ClaimedJob | None:
     previous_run = session.scalar(select(Job.run_id).where(Job.id == job_id))
-    won = session.execute(
+    won = _changed(session,
         update(Job).where(Job.id == job_id, claimable)
         .values(status=status, attempts=Job.attempts + 1, lease_expires_at=lease_until, heartbeat_at=now,
                 started_at=func.coalesce(Job.started_at, now))
-    ).rowcount
+    )
     if not won:
         return None
     end_run(session, previous_run, RunOutcome.EXPIRED, "lease expired; taken over by " + worker, now)
@@ -354,10 +359,10 @@ def claim_finish(session: Session, job_id: int, worker: str, *, lease_until: dat
 
 def _renew_job(session: Session, held: ClaimedJob, lease_until: datetime, *, statuses: tuple[str, ...],
                **values: Any) -> bool:
-    return bool(session.execute(
+    return bool(_changed(session,
         update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status.in_(statuses))
         .values(lease_expires_at=lease_until, heartbeat_at=utcnow(), **values)
-    ).rowcount)
+    ))
 
 
 def renew_job_lease(session: Session, held: ClaimedJob, lease_until: datetime, **progress: Any) -> bool:
@@ -369,10 +374,10 @@ def end_job_run(session: Session, held: ClaimedJob, *, status: str, error: str |
                 now: datetime | None = None, **values: Any) -> bool:
     """End the job from the run holding it (a finished training, metrics, or their failure)."""
     now = now or utcnow()
-    won = session.execute(
+    won = _changed(session,
         update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status.in_(JobStatus.ACTIVE))
         .values(status=status, error=error, finished_at=now, lease_expires_at=None, **values)
-    ).rowcount
+    )
     if won:
         end_run(session, held.run_id, RunOutcome.DONE if status == JobStatus.DONE else RunOutcome.FAILED, error, now)
     return bool(won)
@@ -412,17 +417,17 @@ def close_if_complete(session: Session, job_id: int, now: datetime | None = None
     now = now or utcnow()
     kind = session.scalar(select(Job.kind).where(Job.id == job_id))
     if kind == JobKind.EVALUATE:
-        won = session.execute(
+        won = _changed(session,
             update(Job).where(Job.id == job_id, _complete(), Job.enqueued_at.is_(None)).values(enqueued_at=now)
-        ).rowcount
+        )
         return Closing.FINISH if won else None
     if kind != JobKind.SCORE:
         return None
     failed = exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
-    won = session.execute(
+    won = _changed(session,
         update(Job).where(Job.id == job_id, _complete())
         .values(status=case((failed, JobStatus.FAILED), else_=JobStatus.DONE), finished_at=now)
-    ).rowcount
+    )
     if not won:
         return None
     job = session.get_one(Job, job_id, populate_existing=True)
@@ -437,13 +442,13 @@ def close_if_complete(session: Session, job_id: int, now: datetime | None = None
 
 def requeue_expired_job(session: Session, job_id: int, run_id: int, now: datetime) -> bool:
     """The reconciler takes back a training or finishing whose run stopped renewing its lease."""
-    won = session.execute(
+    won = _changed(session,
         update(Job)
         .where(Job.id == job_id, Job.run_id == run_id, Job.lease_expires_at < now,
                Job.status.in_((JobStatus.RUNNING, JobStatus.FINISHING)))
         .values(status=case((Job.kind == JobKind.TRAIN, JobStatus.QUEUED), else_=JobStatus.FINISHING),
                 run_id=None, lease_expires_at=None, enqueued_at=None)
-    ).rowcount
+    )
     if won:
         end_run(session, run_id, RunOutcome.EXPIRED, "lease expired", now)
     return bool(won)
@@ -451,10 +456,10 @@ def requeue_expired_job(session: Session, job_id: int, run_id: int, now: datetim
 
 def stamp_enqueued_job(session: Session, job_id: int, now: datetime, sent_before: datetime | None = None) -> bool:
     """Like stamp_enqueued_shards, for a job's own message (its training or finishing)."""
-    return bool(session.execute(
+    return bool(_changed(session,
         update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE), owed(Job.enqueued_at, sent_before))
         .values(enqueued_at=now)
-    ).rowcount)
+    ))
 
 
 # --- stopping and reopening whole jobs ----------------------------------------------------------
@@ -542,7 +547,7 @@ def _stop_job(
     if idle_before is not None:
         guard.append(and_(last_activity() < idle_before, ~exists().where(
             Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)))
-    won = session.execute(update(Job).where(*guard).values(**values)).rowcount
+    won = _changed(session, update(Job).where(*guard).values(**values))
     if not won:
         return False
     open_shards = and_(Shard.job_id == job_id, Shard.status.in_(ShardStatus.OPEN))

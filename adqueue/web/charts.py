@@ -126,9 +126,9 @@ def line_chart_svg(x_labels: Sequence[str], series: Sequence[Series], *, percent
     label = (lambda v: f"{v:.0%}") if percent else _fmt
     parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" role="img">']
     parts.append(f'<line x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - RIGHT}" y2="{TOP + plot_h}" stroke="#888"/>')
-    for value in (low, high):
-        parts.append(f'<text x="{LEFT - 6}" y="{y_of(value) + 4:.1f}" font-size="13" text-anchor="end" '
-                     f'fill="#444">{label(value)}</text>')
+    for bound in (low, high):
+        parts.append(f'<text x="{LEFT - 6}" y="{y_of(bound) + 4:.1f}" font-size="13" text-anchor="end" '
+                     f'fill="#444">{label(bound)}</text>')
     for index, color in zip(range(len(series)), LINE_COLORS * 4, strict=False):
         line = series[index]
         dash = ' stroke-dasharray="5,3"' if line.dashed else ""

@@ -118,7 +118,7 @@ def trend_page(request: Request) -> Response:
         models = {m.id: m for m in q.model_versions(session, name)}
     rows = []
     for point in points:
-        model = models.get(point.model_id)
+        model = models.get(point.model_id) if point.model_id is not None else None
         threshold = point.threshold
         calibration = [s for s in (model.calibration_scores if model else []) if threshold is None or s <= threshold]
         rows.append((point, drift(point.normal_sample, calibration, n_night=point.n_normal)))
@@ -143,7 +143,9 @@ async def review(request: Request) -> Response:
     def write() -> int:
         with _store(request).session() as session:
             record_review(session, result_id, verdict, reviewer)
-            return q.result_job(session, result_id)
+            job_id = q.result_job(session, result_id)
+            assert job_id is not None, "record_review found the result"
+            return job_id
 
     try:
         job_id = await run_in_threadpool(write)

@@ -113,7 +113,7 @@ class Evaluation:
 @dataclass
 class TrendPoint:
     job_id: int
-    model_id: int
+    model_id: int | None
     version: int
     status: str
     created_at: datetime

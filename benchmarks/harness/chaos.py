@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
 from adqueue.store.models import Job, JobStatus, Result, Run, RunKind, RunOutcome, Shard, ShardStatus
+
 from .cli import FAST_MVG, cli_env, run_cli
 from .servers import REPO, PostgresServer, RedisServer, Worker, create_database, wait_until
 
@@ -70,10 +71,8 @@ class ChaosDeployment:
         self.database = "postgres" if postgres else "sqlite"
         self.postgres = postgres
         self.redis = RedisServer(persist=True)
-        if postgres:
-            url = create_database(postgres.url, f"chaos_{uuid.uuid4().hex[:8]}")
-        else:
-            url = f"sqlite:///{folder / 'chaos.db'}"
+        url = (create_database(postgres.url, f"chaos_{uuid.uuid4().hex[:8]}") if postgres
+               else f"sqlite:///{folder / 'chaos.db'}")
         self.env = cli_env(
             ADQUEUE_DATA_DIR=str(folder / "data"), ADQUEUE_DATABASE_URL=url, ADQUEUE_BROKER_URL=self.redis.url,
             ADQUEUE_QUEUE="chaos", ADQUEUE_LEASE=str(LEASE_S), ADQUEUE_RECONCILE_INTERVAL=str(INTERVAL_S),

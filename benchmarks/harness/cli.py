@@ -20,10 +20,11 @@ def cli_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], env: dict[str, str], *, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`adqueue ARGS` in a fresh process, as a user would run it."""
     done = subprocess.run([sys.executable, "-m", "adqueue", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)  # checked here, with stderr in the message
     if check and done.returncode != 0:
         raise AssertionError(f"adqueue {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
     return done

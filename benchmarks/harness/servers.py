@@ -50,7 +50,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1):  # type
             value = check()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - not up yet, in whatever way: try again until the deadline
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
@@ -158,7 +158,8 @@ class PostgresServer:
             [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.folder / "data"), "-p", str(self.port),
              "-h", "127.0.0.1", "-k", str(self.folder), "-c", "fsync=off", "-c", "synchronous_commit=off",
              "-c", "full_page_writes=off", "-c", "max_connections=200"],
-            stdout=subprocess.DEVNULL, stderr=open(self.folder / "postgres.log", "ab"), env=self.env,
+            stdout=subprocess.DEVNULL, stderr=open(self.folder / "postgres.log", "ab"),  # noqa: SIM115 - the server's
+            env=self.env,
         )
         import psycopg
 
@@ -213,7 +214,7 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
         self.log = log
-        self._stream = open(log, "wb")
+        self._stream = open(log, "wb")  # noqa: SIM115 - open as long as the worker runs; closed by stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "adqueue", "worker", "--loglevel", "INFO", *args],
             env=env, stdout=self._stream, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,

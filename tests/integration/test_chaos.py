@@ -14,7 +14,7 @@ from benchmarks.harness.servers import PostgresServer
 pytestmark = pytest.mark.integration
 
 
-def _deployment(tmp_path_factory: pytest.TempPathFactory, textures, postgres: PostgresServer | None,  # type: ignore[no-untyped-def]
+def _deployment(tmp_path_factory: pytest.TempPathFactory, textures, postgres: PostgresServer | None,
                 ) -> Iterator[ChaosDeployment]:
     deployment = ChaosDeployment(tmp_path_factory.mktemp("chaos"), postgres=postgres)
     try:
@@ -28,12 +28,12 @@ def _deployment(tmp_path_factory: pytest.TempPathFactory, textures, postgres: Po
 
 
 @pytest.fixture(scope="module")
-def chaos_sqlite(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:  # type: ignore[no-untyped-def]
+def chaos_sqlite(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:
     yield from _deployment(tmp_path_factory, textures, None)
 
 
 @pytest.fixture(scope="module")
-def chaos_postgres(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:  # type: ignore[no-untyped-def]
+def chaos_postgres(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[ChaosDeployment]:
     yield from _deployment(tmp_path_factory, textures, PostgresServer())  # its own: a scenario restarts it
 
 
@@ -42,7 +42,7 @@ CASES = [(database, scenario) for database in ("sqlite", "postgres") for scenari
 
 
 @pytest.mark.parametrize(("database", "scenario"), CASES, ids=[f"{d}-{s}" for d, s in CASES])
-def test_the_job_ends_done_with_one_row_per_file(request: pytest.FixtureRequest, textures, database: str,  # type: ignore[no-untyped-def]
+def test_the_job_ends_done_with_one_row_per_file(request: pytest.FixtureRequest, textures, database: str,
                                                  scenario: str) -> None:
     chaos: ChaosDeployment = request.getfixturevalue(f"chaos_{database}")
     root, dump = textures

@@ -47,7 +47,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iter
 
 
 @pytest.mark.parametrize("detector", sorted(TINY))
-def test_detector_trains_scores_and_evaluates_on_workers(deployment: Deployment, textures, detector: str) -> None:  # type: ignore[no-untyped-def]
+def test_detector_trains_scores_and_evaluates_on_workers(deployment: Deployment, textures, detector: str) -> None:
     root, dump = textures
     name = f"{detector}-{uuid.uuid4().hex[:6]}"
     trained = run_json(["train", "--detector", detector, "--data", str(root), "--name", name, *TINY[detector],
@@ -82,4 +82,4 @@ def test_detector_trains_scores_and_evaluates_on_workers(deployment: Deployment,
 
 
 def _json(value: object) -> dict:
-    return value if isinstance(value, dict) else json.loads(str(value))  # type: ignore[return-value]
+    return value if isinstance(value, dict) else json.loads(str(value))

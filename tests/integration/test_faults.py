@@ -23,7 +23,7 @@ def _store(env: dict[str, str]) -> Context:
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory, redis_url: str, textures) -> Deployment:  # type: ignore[no-untyped-def]
+def faulty(tmp_path_factory: pytest.TempPathFactory, redis_url: str, textures) -> Deployment:
     folder = tmp_path_factory.mktemp("faults")
     deployment = make_deployment("sqlite", folder, redis_url, f"sqlite:///{folder / 'f.db'}",
                                  ADQUEUE_MAX_ATTEMPTS="2", ADQUEUE_RETRY_DELAY="0.5")
@@ -32,7 +32,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory, redis_url: str, textures) -
     deployment.stop()
 
 
-def _train(deployment: Deployment, textures, name: str) -> Path:  # type: ignore[no-untyped-def]
+def _train(deployment: Deployment, textures, name: str) -> Path:
     run_json(["train", "--data", str(textures[0]), "--name", name, *FAST_MVG, "--wait"], deployment.env)
     ctx = _store(deployment.env)
     with ctx.store.session() as session:
@@ -46,7 +46,7 @@ def _score(deployment: Deployment, model: str, dump: Path, *extra: str) -> dict:
     return json.loads(done.stdout)
 
 
-def test_a_poisoned_shard_stops_after_max_attempts(faulty: Deployment, textures) -> None:  # type: ignore[no-untyped-def]
+def test_a_poisoned_shard_stops_after_max_attempts(faulty: Deployment, textures) -> None:
     _, dump = textures
     _train(faulty, textures, "poisoned")
     heatmaps = Path(faulty.env["ADQUEUE_DATA_DIR"]) / "heatmaps"
@@ -67,7 +67,7 @@ def test_a_poisoned_shard_stops_after_max_attempts(faulty: Deployment, textures)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_a_broken_model_file_fails_the_job_at_once(faulty: Deployment, textures, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_model_file_fails_the_job_at_once(faulty: Deployment, textures, damage: str) -> None:
     _, dump = textures
     artifact = _train(faulty, textures, f"broken-{damage}")
     if damage == "missing":

@@ -15,15 +15,15 @@ from adqueue.data.paths import to_os
 from adqueue.store.models import Result
 from adqueue.store.session import Store
 from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
-from tests.helpers.hostile import ODD_NAMES, build_hostile_dump
 from tests.helpers.deployment import Deployment, database_for, make_deployment
+from tests.helpers.hostile import ODD_NAMES, build_hostile_dump
 
 pytestmark = pytest.mark.integration
 MAX_FILE_MB = 2
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def scored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str,  # type: ignore[no-untyped-def]
+def scored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str,
            textures) -> Iterator[tuple[Deployment, dict, dict[bytes, str | None], dict[bytes, dict]]]:
     folder = tmp_path_factory.mktemp(f"hostile-{request.param}")
     deployment = make_deployment(request.param, folder, redis_url, database_for(request, request.param, folder),
@@ -37,13 +37,13 @@ def scored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         job = run_json(["score", "--model", "m", str(folder / "dump"), "--shard-size", "8", "--heatmaps", "all",
                         "--wait"], deployment.env)
         rows = run_json(["results", str(job["job_id"])], deployment.env)
-        by_name = {os.path.relpath(os.fsencode(to_os(r["path"])), os.fsencode(folder / "dump")): r for r in rows}  # type: ignore[union-attr]
+        by_name = {os.path.relpath(os.fsencode(to_os(r["path"])), os.fsencode(folder / "dump")): r for r in rows}
         yield deployment, job, expected, by_name
     finally:
         deployment.stop()
 
 
-def test_the_job_ends_done_with_one_row_per_file(scored) -> None:  # type: ignore[no-untyped-def]
+def test_the_job_ends_done_with_one_row_per_file(scored) -> None:
     _, job, expected, rows = scored
     assert job["status"] == "done" and job["n_total"] == len(expected)
     assert set(rows) == set(expected)  # every file, special ones too; the folder x.png has none
@@ -58,7 +58,7 @@ def test_the_job_ends_done_with_one_row_per_file(scored) -> None:  # type: ignor
 
 
 @pytest.mark.parametrize("what", list(ODD_NAMES))
-def test_an_odd_name_is_scored_and_maps_back_to_its_file(scored, what: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_odd_name_is_scored_and_maps_back_to_its_file(scored, what: str) -> None:
     deployment, job, _, rows = scored
     row = rows[ODD_NAMES[what]]
     assert row["error"] is None and row["score"] is not None
@@ -70,7 +70,7 @@ def test_an_odd_name_is_scored_and_maps_back_to_its_file(scored, what: str) -> N
     store.dispose()
 
 
-def test_the_table_shows_every_name_on_one_line(scored) -> None:  # type: ignore[no-untyped-def]
+def test_the_table_shows_every_name_on_one_line(scored) -> None:
     deployment, job, expected, _ = scored
     out = run_cli(["results", str(job["job_id"]), "--format", "csv"], deployment.env).stdout
     assert len(out.strip().splitlines()) == len(expected) + 1  # a newline in a name stays escaped

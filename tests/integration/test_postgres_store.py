@@ -66,7 +66,7 @@ def test_read_only_sql_drops_the_superuser_powers(database: str) -> None:
     engine.dispose()
     with pytest.raises(AdqueueError, match="permission denied for function pg_read_file"):
         run_read_only(database, "SELECT pg_read_file('/etc/hostname')")
-    with pytest.raises(AdqueueError, match="superuser|permission denied"):
+    with pytest.raises(AdqueueError, match=r"superuser|permission denied"):
         run_read_only(database, "SELECT pg_terminate_backend(pg_backend_pid())")
     with pytest.raises(AdqueueError, match="permission denied"):
         run_read_only(database, "SELECT * FROM pg_ls_dir('.')")
@@ -117,7 +117,7 @@ def test_adqueue_sql_uses_its_own_database_url(database: str, tmp_path: Path) ->
     env = {"ADQUEUE_BROKER_URL": "", "ADQUEUE_DATABASE_URL": database, "ADQUEUE_SQL_DATABASE_URL": reader,
            "ADQUEUE_SQL_MAX_ROWS": "", "ADQUEUE_SQL_TIMEOUT": ""}
 
-    def sql(*args: str):  # type: ignore[no-untyped-def]
+    def sql(*args: str):
         return CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "sql", *args], env=env, catch_exceptions=False)
 
     read = sql("SELECT current_user AS who, count(*) AS n FROM jobs", "--format", "json")

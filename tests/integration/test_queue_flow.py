@@ -13,15 +13,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def trained(deployment: Deployment, textures) -> dict:  # type: ignore[no-untyped-def]
+def trained(deployment: Deployment, textures) -> dict:
     root, _ = textures
-    return run_json(["train", "--data", str(root), "--name", "bricks", *FAST_MVG, "--wait"], deployment.env)  # type: ignore[return-value]
+    return run_json(["train", "--data", str(root), "--name", "bricks", *FAST_MVG, "--wait"], deployment.env)
 
 
 @pytest.fixture(scope="module")
-def scored(deployment: Deployment, trained: dict, textures) -> dict:  # type: ignore[no-untyped-def]
+def scored(deployment: Deployment, trained: dict, textures) -> dict:
     _, dump = textures
-    return run_json(["score", "--model", "bricks", str(dump), "--shard-size", "3", "--wait"], deployment.env)  # type: ignore[return-value]
+    return run_json(["score", "--model", "bricks", str(dump), "--shard-size", "3", "--wait"], deployment.env)
 
 
 def test_training_runs_on_a_worker(deployment: Deployment, trained: dict) -> None:
@@ -30,7 +30,7 @@ def test_training_runs_on_a_worker(deployment: Deployment, trained: dict) -> Non
     assert "adqueue.train" in logs and "computes on cpu" in logs
 
 
-def test_score_through_the_queue(deployment: Deployment, scored: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_score_through_the_queue(deployment: Deployment, scored: dict, textures) -> None:
     _, dump = textures
     files = sorted(p.name for p in dump.iterdir())
     assert scored["status"] == "done" and scored["n_total"] == len(files) and scored["shards"] == 6
@@ -45,7 +45,7 @@ def test_score_through_the_queue(deployment: Deployment, scored: dict, textures)
     assert len(workers) == 2  # both worker processes took shards
 
 
-def test_embedded_gives_the_same_scores_as_the_queue(deployment: Deployment, scored: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_embedded_gives_the_same_scores_as_the_queue(deployment: Deployment, scored: dict, textures) -> None:
     _, dump = textures
     inline = run_json(["score", "--model", "bricks:1", str(dump)], deployment.embedded_env())
     assert inline["status"] == "done"
@@ -61,7 +61,7 @@ def test_embedded_gives_the_same_scores_as_the_queue(deployment: Deployment, sco
             assert other["is_anomaly"] == row["is_anomaly"]
 
 
-def test_evaluate_through_the_queue(deployment: Deployment, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_through_the_queue(deployment: Deployment, trained: dict, textures) -> None:
     root, _ = textures
     out = run_json(["evaluate", "--model", "bricks", "--data", str(root), "--shard-size", "7", "--wait"],
                    deployment.env)

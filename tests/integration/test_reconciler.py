@@ -22,14 +22,14 @@ from adqueue.jobs.submit import submit_score
 from adqueue.store.models import Job, JobStatus, Run, Shard
 from adqueue.workers.producer import CeleryDispatcher
 from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
-from tests.helpers.deployment import database_for, make_deployment
 from benchmarks.harness.servers import wait_until
+from tests.helpers.deployment import database_for, make_deployment
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str, textures,  # type: ignore[no-untyped-def]
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str, textures,
             ) -> Iterator[tuple[Context, CeleryDispatcher]]:
     """A database with a trained model, and a dispatcher to a queue no worker reads."""
     folder = tmp_path_factory.mktemp(f"reconciler-{request.param}")
@@ -44,7 +44,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture
-def queued(trained: tuple[Context, CeleryDispatcher], textures) -> tuple[Context, CeleryDispatcher, int]:  # type: ignore[no-untyped-def]
+def queued(trained: tuple[Context, CeleryDispatcher], textures) -> tuple[Context, CeleryDispatcher, int]:
     """A score job of 9 shards, sent."""
     ctx, outbox = trained
     with ctx.store.session() as session:  # the previous test's job is not this test's business
@@ -109,7 +109,7 @@ def test_racing_reconcilers_send_each_lost_message_once(queued: tuple) -> None:
     assert sum(sent) == 9 and _in_queue(outbox) == _shard_ids(ctx, job_id)
 
 
-def test_wait_gives_up_when_nothing_can_move(tmp_path: Path, redis_url: str, textures) -> None:  # type: ignore[no-untyped-def]
+def test_wait_gives_up_when_nothing_can_move(tmp_path: Path, redis_url: str, textures) -> None:
     deployment = make_deployment("sqlite", tmp_path, redis_url, f"sqlite:///{tmp_path / 'w.db'}",
                                  ADQUEUE_STALL_TIMEOUT="3")
     root, dump = textures
@@ -123,7 +123,7 @@ def test_wait_gives_up_when_nothing_can_move(tmp_path: Path, redis_url: str, tex
     assert time.monotonic() - started < 60
 
 
-def test_a_training_whose_worker_is_killed_runs_again(tmp_path: Path, redis_url: str, textures) -> None:  # type: ignore[no-untyped-def]
+def test_a_training_whose_worker_is_killed_runs_again(tmp_path: Path, redis_url: str, textures) -> None:
     deployment = make_deployment("sqlite", tmp_path, redis_url, f"sqlite:///{tmp_path / 't.db'}",
                                  ADQUEUE_LEASE="4", ADQUEUE_RECONCILE_INTERVAL="1")
     try:

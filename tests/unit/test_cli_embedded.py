@@ -22,13 +22,13 @@ def invoke(data_dir: Path, *args: str, ok: bool = True) -> Result:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir: Path, textures) -> dict:  # type: ignore[no-untyped-def]
+def trained(data_dir: Path, textures) -> dict:
     root, _ = textures
     out = invoke(data_dir, "train", "--data", str(root), "--name", "bricks", *FAST_MVG, "--format", "json")
     return json.loads(out.stdout)
 
 
-def test_train_registers_a_version(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_train_registers_a_version(data_dir: Path, trained: dict, textures) -> None:
     assert trained["status"] == "done" and trained["model"] == "bricks:1" and trained["job_id"] >= 1
     models = json.loads(invoke(data_dir, "models", "--format", "json").stdout)
     assert [m["model"] for m in models] == ["bricks:1"] and models[0]["threshold"] > 0
@@ -37,7 +37,7 @@ def test_train_registers_a_version(data_dir: Path, trained: dict, textures) -> N
     assert again["model"] == "bricks:2"
 
 
-def test_score_a_dump_with_broken_files(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_score_a_dump_with_broken_files(data_dir: Path, trained: dict, textures) -> None:
     _, dump = textures
     out = invoke(data_dir, "score", "--model", "bricks:1", str(dump), "--shard-size", "5", "--heatmaps", "all")
     job_id = int(out.stdout.splitlines()[0])
@@ -58,7 +58,7 @@ def test_score_a_dump_with_broken_files(data_dir: Path, trained: dict, textures)
     assert job["shards"] == 4 and job["shards_done"] == 4
 
 
-def test_evaluate_prints_and_stores_metrics(data_dir: Path, trained: dict, textures) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_prints_and_stores_metrics(data_dir: Path, trained: dict, textures) -> None:
     root, _ = textures
     out = json.loads(invoke(data_dir, "evaluate", "--model", "bricks:1", "--data", str(root),
                             "--format", "json").stdout)

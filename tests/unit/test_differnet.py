@@ -9,8 +9,8 @@ from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.components.augment import evenly_spread_transforms, rotate
 from adqueue.detectors.differnet.model import DifferNetDetector
-from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from adqueue.pipeline.images import TensorImages
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from tests.helpers.datasets import load_split, split_masks
 
 SIZE = 128
@@ -20,7 +20,7 @@ FAST = {"image_size": str(SIZE), "hidden": "256", "n_hidden": "2", "n_blocks": "
 
 
 @pytest.fixture(scope="module")
-def fitted(textures) -> tuple[DifferNetDetector, Path]:  # type: ignore[no-untyped-def]
+def fitted(textures) -> tuple[DifferNetDetector, Path]:
     root, _ = textures
     detector = registry.create("differnet", FAST)
     pixels, _ = load_split(root, "train", SIZE)
@@ -28,10 +28,10 @@ def fitted(textures) -> tuple[DifferNetDetector, Path]:  # type: ignore[no-untyp
     assert report.info["cached_vectors"] == 4 * len(pixels)
     assert report.losses[-1] < report.losses[0]
     detector.eval()
-    return detector, root  # type: ignore[return-value]
+    return detector, root
 
 
-def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_separates_and_localizes_painted_defects(fitted) -> None:
     detector, root = fitted
     pixels, items = load_split(root, "test", SIZE)
     scores = detector.score(to_float(pixels), with_maps=True)
@@ -42,7 +42,7 @@ def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignor
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.7
 
 
-def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:
     detector, root = fitted
     pixels, _ = load_split(root, "test", SIZE)
     images = to_float(pixels[:3])
@@ -70,8 +70,8 @@ def test_score_is_the_nll_averaged_over_the_fixed_transforms(fitted) -> None:  #
     assert torch.allclose(alone, scored[1:2], rtol=1e-5)
 
 
-def test_maps_are_rotated_back_into_the_image_frame(fitted) -> None:  # type: ignore[no-untyped-def]
-    detector, _ = fitted
+def test_maps_are_rotated_back_into_the_image_frame(fitted) -> None:
+    _detector, _ = fitted
     blob = torch.zeros(1, 1, SIZE, SIZE)
     blob[..., 10:20, 60:68] = 1.0
     turned = rotate(blob, torch.tensor([90.0]))
@@ -79,7 +79,7 @@ def test_maps_are_rotated_back_into_the_image_frame(fitted) -> None:  # type: ig
     assert torch.allclose(rotate(turned, torch.tensor([-90.0])), blob, atol=1e-4)  # ... and comes back
 
 
-def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_state_round_trip_scores_identically(fitted) -> None:
     detector, root = fitted
     state = detector.trainable_state()
     assert not any(key.startswith("features.") for key in state)  # frozen weights are not copied
@@ -92,7 +92,7 @@ def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no
     assert torch.equal(a.image, b.image) and torch.allclose(a.maps, b.maps)
 
 
-def test_same_seed_same_model(textures) -> None:  # type: ignore[no-untyped-def]
+def test_same_seed_same_model(textures) -> None:
     root, _ = textures
     pixels, _ = load_split(root, "train", SIZE)
     tiny = {**FAST, "hidden": "32", "epochs": "2", "train_transforms": "1", "test_transforms": "1"}

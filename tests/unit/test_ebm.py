@@ -9,8 +9,8 @@ import torch
 
 from adqueue.detectors import registry
 from adqueue.detectors.ebm.model import EBMDetector
-from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from adqueue.pipeline.images import TensorImages
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 
 SIZE = 32
 # A small net, short chains and few updates: the shape of the default training, at test speed.
@@ -71,7 +71,7 @@ def trained() -> tuple[EBMDetector, RecordingProgress, torch.Tensor]:
     return detector, progress, before
 
 
-def test_training_reports_progress_and_separates_data_from_noise(trained) -> None:  # type: ignore[no-untyped-def]
+def test_training_reports_progress_and_separates_data_from_noise(trained) -> None:
     detector, progress, before = trained
     assert progress.phases[0] == ("training energy net", 40) and len(progress.steps) == 40
     assert set(progress.steps[0]) == {"loss", "e_pos", "e_neg"}
@@ -83,7 +83,7 @@ def test_training_reports_progress_and_separates_data_from_noise(trained) -> Non
     assert data.max() + 0.2 < noise.min()
 
 
-def test_separates_and_localizes_painted_defects(trained) -> None:  # type: ignore[no-untyped-def]
+def test_separates_and_localizes_painted_defects(trained) -> None:
     detector, _, _ = trained
     normal = _textures(16, seed=2)
     defective, masks = _with_defects(_textures(16, seed=3), seed=4)
@@ -99,7 +99,7 @@ def test_separates_and_localizes_painted_defects(trained) -> None:  # type: igno
     assert pixel_auroc(scores.maps.numpy(), all_masks) > 0.95
 
 
-def test_sgld_moves_samples_to_lower_energy_without_parameter_gradients(trained) -> None:  # type: ignore[no-untyped-def]
+def test_sgld_moves_samples_to_lower_energy_without_parameter_gradients(trained) -> None:
     detector, _, _ = trained
     assert all(p.grad is None for p in detector.parameters())  # fit() leaves none behind
     generator = torch.Generator().manual_seed(1)
@@ -112,7 +112,7 @@ def test_sgld_moves_samples_to_lower_energy_without_parameter_gradients(trained)
     assert all(p.grad is None for p in detector.parameters())
 
 
-def test_gradient_standardization_matches_numpy(trained) -> None:  # type: ignore[no-untyped-def]
+def test_gradient_standardization_matches_numpy(trained) -> None:
     detector, _, _ = trained
     images = _float(_textures(12, seed=5))
     grads = []
@@ -144,7 +144,7 @@ def _grads(detector: EBMDetector, images: torch.Tensor) -> np.ndarray:
     return grad.double().numpy()
 
 
-def test_state_round_trip_scores_identically(trained) -> None:  # type: ignore[no-untyped-def]
+def test_state_round_trip_scores_identically(trained) -> None:
     detector, _, _ = trained
     fresh = registry.create("ebm", detector.config_dict())
     saved = safetensors.torch.load(safetensors.torch.save(detector.trainable_state()))  # as the service saves

@@ -12,8 +12,8 @@ from scipy.stats import norm
 from adqueue.detectors import registry
 from adqueue.detectors.components.thresholds import calibrate_threshold
 from adqueue.detectors.encoder_flow.model import EncoderFlowDetector
-from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from adqueue.pipeline.images import TensorImages
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 
 SIZE = 32
 # Tiny on purpose: the whole file runs in seconds on one core; defaults are measured on MTD.
@@ -46,8 +46,8 @@ class RecordingProgress:
     """A Progress that keeps what it was told: phase name -> [total, steps advanced, losses seen]."""
 
     def __init__(self) -> None:
-        self.phases: dict[str, list] = {}  # type: ignore[type-arg]
-        self._current: list | None = None  # type: ignore[type-arg]
+        self.phases: dict[str, list] = {}
+        self._current: list | None = None
 
     def phase(self, name: str, total: int) -> None:
         self._current = self.phases[name] = [total, 0, []]
@@ -80,18 +80,18 @@ def data() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fitted(data: dict[str, np.ndarray]) -> tuple[EncoderFlowDetector, dict, RecordingProgress]:  # type: ignore[type-arg]
+def fitted(data: dict[str, np.ndarray]) -> tuple[EncoderFlowDetector, dict, RecordingProgress]:
     detector = registry.create("encoder_flow", TINY)
     progress = RecordingProgress()
     report = detector.fit(_as_dataset(data["train"]), progress=progress)
-    return detector, report.info, progress  # type: ignore[return-value]
+    return detector, report.info, progress
 
 
 def _batch(images: np.ndarray) -> torch.Tensor:
     return _as_dataset(images).pixels.float() / 255.0
 
 
-def test_both_stages_lower_their_loss_and_report_progress(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_both_stages_lower_their_loss_and_report_progress(fitted) -> None:
     _, info, progress = fitted
     ae, flow = info["autoencoder_l1"], info["flow_nll"]
     assert len(ae) == TINY["ae_epochs"] and len(flow) == TINY["flow_epochs"]
@@ -104,7 +104,7 @@ def test_both_stages_lower_their_loss_and_report_progress(fitted) -> None:  # ty
     assert flow_total == flow_steps == TINY["flow_epochs"] * 8 and len(flow_losses) == flow_steps
 
 
-def test_separates_and_localizes_square_defects(fitted, data) -> None:  # type: ignore[no-untyped-def]
+def test_separates_and_localizes_square_defects(fitted, data) -> None:
     detector, *_ = fitted
     scores = detector.score(torch.cat([_batch(data["normal"]), _batch(data["defective"])]))
     labels = [0] * 12 + [1] * 12
@@ -118,7 +118,7 @@ def test_separates_and_localizes_square_defects(fitted, data) -> None:  # type: 
     assert pixel_auroc(maps, masks) > 0.65  # 0.5 for a map blind to the defect
 
 
-def test_reconstruction_map_option_highlights_the_defect(fitted, data) -> None:  # type: ignore[no-untyped-def]
+def test_reconstruction_map_option_highlights_the_defect(fitted, data) -> None:
     detector, *_ = fitted
     fresh = registry.create("encoder_flow", {**TINY, "map": "reconstruction"})
     fresh.load_state_dict(detector.state_dict())
@@ -130,7 +130,7 @@ def test_reconstruction_map_option_highlights_the_defect(fitted, data) -> None: 
     assert torch.equal(scores.image, detector.score(_batch(data["defective"]), with_maps=False).image)
 
 
-def test_state_round_trip_scores_identically(fitted, data) -> None:  # type: ignore[no-untyped-def]
+def test_state_round_trip_scores_identically(fitted, data) -> None:
     detector, *_ = fitted
     fresh = registry.create("encoder_flow", detector.config_dict())
     missing, unexpected = fresh.load_state_dict(detector.trainable_state(), strict=False)
@@ -143,8 +143,8 @@ def test_state_round_trip_scores_identically(fitted, data) -> None:  # type: ign
     assert torch.equal(fresh.score(batch).image, a.image) and fresh.training
 
 
-def test_same_seed_same_scores_other_seed_other_scores(fitted, data) -> None:  # type: ignore[no-untyped-def]
-    detector, *_ = fitted
+def test_same_seed_same_scores_other_seed_other_scores(fitted, data) -> None:
+    _detector, *_ = fitted
     small = {**TINY, "ae_epochs": 2, "flow_epochs": 2}
     batch = _batch(data["defective"][:4])
     runs = []
@@ -159,7 +159,7 @@ def test_same_seed_same_scores_other_seed_other_scores(fitted, data) -> None:  #
     assert not torch.allclose(runs[0], runs[2])
 
 
-def test_threshold_is_the_gaussian_confidence_bound(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_threshold_is_the_gaussian_confidence_bound(fitted) -> None:
     detector, *_ = fitted
     normal = np.random.default_rng(3).normal(10.0, 2.0, 500)
     for fpr in (0.01, 0.05, 0.2):

@@ -19,8 +19,8 @@ import pytest
 
 from adqueue.cli import cli
 from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
-from tests.helpers.cli import invoke_cli
 from benchmarks.harness.servers import redis_server
+from tests.helpers.cli import invoke_cli
 
 HEAVY = {"torch", "sklearn", "scipy"}
 
@@ -52,7 +52,7 @@ def stdout_of(done: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:  # type: ignore[no-untyped-def]
+def data_dir(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:
     """A data dir with a tiny model `m` trained on the embedded default."""
     folder = tmp_path_factory.mktemp("instant")
     invoke_cli(folder, "train", "--data", str(textures[0]), "--name", "m", *FAST_MVG)
@@ -60,7 +60,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:  # typ
 
 
 @pytest.fixture(scope="module")
-def embedded_score(data_dir: Path, textures) -> tuple[int, set[str]]:  # type: ignore[no-untyped-def]
+def embedded_score(data_dir: Path, textures) -> tuple[int, set[str]]:
     """(job id, modules imported) of an embedded `adqueue score`, which computes in its process."""
     env = cli_env(ADQUEUE_DATA_DIR=str(data_dir))
     done = run_profiled(["score", "--model", "m", str(textures[1]), "--heatmaps", "none"], env)
@@ -102,7 +102,7 @@ def test_reading_verbs_are_light(args: list[str], data_dir: Path, embedded_score
     assert_light([arg.format(job=job_id) for arg in args], cli_env(ADQUEUE_DATA_DIR=str(data_dir)))
 
 
-def test_submitting_to_a_broker_is_light(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_submitting_to_a_broker_is_light(data_dir: Path, textures) -> None:
     root, dump = textures
     with redis_server() as broker:
         env = cli_env(ADQUEUE_DATA_DIR=str(data_dir), ADQUEUE_BROKER_URL=broker, ADQUEUE_QUEUE="instant-test")

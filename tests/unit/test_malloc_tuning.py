@@ -19,7 +19,7 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> list:
 def test_reexec_once_with_both_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _capture(monkeypatch)
     malloc_tuning.reexec_with_malloc_tuning()
-    (exe, argv, env), = calls
+    (_exe, argv, env), = calls
     assert argv[1:] == ["-m", "adqueue", "score", "--model", "m", "dump/"]
     assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(4 << 30)
     monkeypatch.setenv("ADQUEUE_MALLOC_TUNED", "1")

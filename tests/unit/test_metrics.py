@@ -79,7 +79,7 @@ def test_calibrate_threshold_bounds_the_false_alarm_rate() -> None:
     assert rates.false_alarm_rate == 0.5 and rates.recall == 1.0
 
 
-def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:
     import io
 
     from adqueue.pipeline import evaluate as evaluation
@@ -95,7 +95,7 @@ def test_large_evaluations_stride_the_maps(tmp_path, monkeypatch) -> None:  # ty
     assert evaluation._stride(files) == 2  # 40,000 pixels -> every 2nd row and column
 
 
-def test_stored_maps_keep_the_order_of_values_past_float16s_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_stored_maps_keep_the_order_of_values_past_float16s_range(tmp_path) -> None:
     """differnet's NLL gradients reach 1e5-1e6: stored maps must still rank the defect above the rest."""
     from adqueue.core.progress import NullProgress
     from adqueue.pipeline.evaluate import _pixel_metrics

@@ -15,8 +15,8 @@ from click.testing import Result
 from safetensors.torch import load_file, save_file
 
 from adqueue.core.config import Settings
-from adqueue.jobs.context import Context
 from adqueue.core.hashing import file_sha256
+from adqueue.jobs.context import Context
 from adqueue.store.models import Model
 from benchmarks.harness.cli import FAST_MVG
 from tests.helpers.cli import invoke_cli
@@ -27,7 +27,7 @@ def invoke(data_dir: Path, *args: str, ok: bool = True) -> Result:
 
 
 @pytest.fixture(scope="module")
-def trained_once(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:  # type: ignore[no-untyped-def]
+def trained_once(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:
     data_dir = tmp_path_factory.mktemp("model-files")
     invoke(data_dir, "train", "--data", str(textures[0]), "--name", "m", *FAST_MVG)
     return data_dir
@@ -51,7 +51,7 @@ def _score(data_dir: Path, dump: Path) -> tuple[int, dict, list[dict]]:
     return result.exit_code, job, rows
 
 
-def _rewrite(ctx: Context, model: Model, change, metadata: dict | None = None, *, register: bool) -> None:  # type: ignore[no-untyped-def]
+def _rewrite(ctx: Context, model: Model, change, metadata: dict | None = None, *, register: bool) -> None:
     """Rewrite the model file's tensors (and metadata); `register` records its new hash in SQL, as
     if it had been registered like that."""
     from safetensors import safe_open
@@ -66,12 +66,12 @@ def _rewrite(ctx: Context, model: Model, change, metadata: dict | None = None, *
             session.get_one(Model, model.id).artifact_sha256 = file_sha256(path)
 
 
-def test_the_file_hash_is_recorded_at_registration(trained) -> None:  # type: ignore[no-untyped-def]
+def test_the_file_hash_is_recorded_at_registration(trained) -> None:
     _, ctx, model = trained
     assert model.artifact_sha256 == file_sha256(ctx.data_dir.resolve(model.artifact_path))
 
 
-def test_an_edited_model_file_fails_the_job_at_once(trained, textures) -> None:  # type: ignore[no-untyped-def]
+def test_an_edited_model_file_fails_the_job_at_once(trained, textures) -> None:
     data_dir, ctx, model = trained
     _rewrite(ctx, model, lambda t: t * 1.0001 if t.is_floating_point() else t, register=False)
     code, job, rows = _score(data_dir, textures[1])
@@ -79,7 +79,7 @@ def test_an_edited_model_file_fails_the_job_at_once(trained, textures) -> None: 
     assert rows == []
 
 
-def test_a_model_with_nan_weights_passes_nothing_as_normal(trained, textures) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_with_nan_weights_passes_nothing_as_normal(trained, textures) -> None:
     data_dir, ctx, model = trained
     _rewrite(ctx, model, lambda t: torch.full_like(t, math.nan) if t.is_floating_point() else t, register=True)
     code, job, rows = _score(data_dir, textures[1])
@@ -90,7 +90,7 @@ def test_a_model_with_nan_weights_passes_nothing_as_normal(trained, textures) ->
     assert job["n_failed"] == len(rows) and job["n_done"] == 0
 
 
-def test_malformed_model_metadata_is_one_clear_line(trained, textures) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_model_metadata_is_one_clear_line(trained, textures) -> None:
     data_dir, ctx, model = trained
     _rewrite(ctx, model, lambda t: t, metadata={"format": "1"}, register=True)
     code, job, _ = _score(data_dir, textures[1])
@@ -99,7 +99,7 @@ def test_malformed_model_metadata_is_one_clear_line(trained, textures) -> None: 
 
 
 @pytest.mark.parametrize(("threshold", "flagged"), [(-1e30, "all"), (1e30, "none")])
-def test_the_threshold_in_sql_is_the_one_that_flags(trained, textures, threshold: float, flagged: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_threshold_in_sql_is_the_one_that_flags(trained, textures, threshold: float, flagged: str) -> None:
     data_dir, ctx, model = trained
     with ctx.store.session() as session:
         session.get_one(Model, model.id).threshold = threshold  # the file still says otherwise
@@ -109,7 +109,7 @@ def test_the_threshold_in_sql_is_the_one_that_flags(trained, textures, threshold
     assert all(r["is_anomaly"] is (flagged == "all") for r in scored)
 
 
-def test_an_unreadable_mask_leaves_one_image_out_of_the_pixel_metrics(trained, textures) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreadable_mask_leaves_one_image_out_of_the_pixel_metrics(trained, textures) -> None:
     data_dir, _, _ = trained
     root = textures[0]
     masks = sorted((root / "ground_truth").rglob("*.png"))
@@ -124,7 +124,7 @@ def test_an_unreadable_mask_leaves_one_image_out_of_the_pixel_metrics(trained, t
     assert out["pixel_auroc"] > 0.5 and out["n_pixel_images"] == out["n_images"] - 1
 
 
-def test_a_truncated_file_without_a_recorded_hash_is_one_clear_line(trained, textures) -> None:  # type: ignore[no-untyped-def]
+def test_a_truncated_file_without_a_recorded_hash_is_one_clear_line(trained, textures) -> None:
     data_dir, ctx, model = trained
     path = ctx.data_dir.resolve(model.artifact_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -8,8 +8,8 @@ import torch
 from adqueue.data.loader import to_float
 from adqueue.detectors import registry
 from adqueue.detectors.mvg.model import MVGDetector
-from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from adqueue.pipeline.images import TensorImages
+from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from tests.helpers.datasets import load_split, split_masks
 
 FAST = {"backbone": "efficientnet_lite0", "image_size": "128", "levels": "3,4,5,6", "map_levels": "2,3,4"}
@@ -17,16 +17,16 @@ FAST = {"backbone": "efficientnet_lite0", "image_size": "128", "levels": "3,4,5,
 
 
 @pytest.fixture(scope="module")
-def fitted(textures) -> tuple[MVGDetector, Path]:  # type: ignore[no-untyped-def]
+def fitted(textures) -> tuple[MVGDetector, Path]:
     root, _ = textures
     detector = registry.create("mvg", FAST)
     pixels, _ = load_split(root, "train", 128)
     report = detector.fit(TensorImages(pixels))
     assert report.n_images == len(pixels)
-    return detector, root  # type: ignore[return-value]
+    return detector, root
 
 
-def test_mvg_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_mvg_separates_and_localizes_painted_defects(fitted) -> None:
     detector, root = fitted
     pixels, items = load_split(root, "test", 128)
     scores = detector.score(to_float(pixels))
@@ -37,7 +37,7 @@ def test_mvg_separates_and_localizes_painted_defects(fitted) -> None:  # type: i
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.85
 
 
-def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_state_round_trip_scores_identically(fitted) -> None:
     detector, root = fitted
     state = detector.trainable_state()
     assert not any(key.startswith("backbone.") for key in state)  # frozen weights are not copied
@@ -49,7 +49,7 @@ def test_state_round_trip_scores_identically(fitted) -> None:  # type: ignore[no
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 
 
-def test_opca_keeps_fewer_components_than_all(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_opca_keeps_fewer_components_than_all(fitted) -> None:
     detector, _ = fitted
     kept = [g.kept for g in detector.image_gaussians]
     dims = detector.backbone.channels(detector.config.levels)

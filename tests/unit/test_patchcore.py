@@ -13,9 +13,9 @@ from adqueue.detectors.components.coreset import coreset_size, greedy_coreset, r
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore.model import PatchCoreDetector, isolation_weights
+from adqueue.pipeline.images import TensorImages
 from adqueue.pipeline.metrics import image_auroc, pixel_auroc
 from adqueue.pipeline.model_files import RegisteredModel, load_detector, load_model, save_detector, save_model
-from adqueue.pipeline.images import TensorImages
 from tests.helpers.datasets import load_split, split_masks
 
 SIZE = 128
@@ -92,7 +92,7 @@ def test_reweighting_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def fitted(textures) -> tuple[PatchCoreDetector, Path]:  # type: ignore[no-untyped-def]
+def fitted(textures) -> tuple[PatchCoreDetector, Path]:
     root, _ = textures
     detector = registry.create("patchcore", FAST)
     pixels, _ = load_split(root, "train", SIZE)
@@ -101,10 +101,10 @@ def fitted(textures) -> tuple[PatchCoreDetector, Path]:  # type: ignore[no-untyp
     assert report.info["patches"] == len(pixels) * grid
     assert report.info["bank_size"] == coreset_size(len(pixels) * grid, 0.05) == detector.memory_bank.shape[0]
     assert detector.memory_bank.shape[1] == 2 * 32
-    return detector, root  # type: ignore[return-value]
+    return detector, root
 
 
-def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_separates_and_localizes_painted_defects(fitted) -> None:
     detector, root = fitted
     pixels, items = load_split(root, "test", SIZE)
     scores = detector.score(to_float(pixels))
@@ -115,7 +115,7 @@ def test_separates_and_localizes_painted_defects(fitted) -> None:  # type: ignor
     assert pixel_auroc(scores.maps.numpy(), masks) > 0.85
 
 
-def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> None:
     detector, root = fitted
     data_dir = DataDir(tmp_path)
     artifact = save_detector(data_dir, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
@@ -127,12 +127,12 @@ def test_model_file_round_trip_scores_identically(fitted, tmp_path: Path) -> Non
     assert torch.equal(a.image, b.image) and torch.equal(a.maps, b.maps)
 
 
-def _mahalanobis_by_hand(scorer, features: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _mahalanobis_by_hand(scorer, features: torch.Tensor) -> torch.Tensor:
     z = (features.double() - scorer.mean) @ scorer.basis
     return ((z @ scorer.precision) * z).sum(dim=1).sqrt()
 
 
-def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -> None:
     """By hand with torch.cdist: the patch-distance grid, smoothed by score_sigma, its largest value
     times Eq. 7's weight of the patch there (score_sigma=0 is the paper's own s*), standardized and
     added to the standardized whole-image Mahalanobis distance of the pooled global levels."""
@@ -163,7 +163,7 @@ def test_image_score_is_the_smoothed_largest_patch_distance_reweighted(fitted) -
     detector.config.score_sigma = default
 
 
-def test_patch_score_scale_comes_from_images_scored_without_their_own_bank_rows(textures) -> None:  # type: ignore[no-untyped-def]
+def test_patch_score_scale_comes_from_images_scored_without_their_own_bank_rows(textures) -> None:
     """With the whole bank kept (coreset_fraction=1), a training image scored against a bank holding
     its own patches would score 0: the scale must come from the other images' patches, by brute force."""
     root, _ = textures
@@ -183,7 +183,7 @@ def test_patch_score_scale_comes_from_images_scored_without_their_own_bank_rows(
                                rtol=1e-4, atol=1e-6)
 
 
-def test_the_whole_image_term_needs_enough_images(textures) -> None:  # type: ignore[no-untyped-def]
+def test_the_whole_image_term_needs_enough_images(textures) -> None:
     """Below GLOBAL_MIN_IMAGES the Gaussians are left out and the score is the standardized patch score."""
     root, _ = textures
     detector = registry.create("patchcore", FAST)
@@ -210,7 +210,7 @@ def test_level_norm_gives_each_whole_level_unit_length() -> None:
         torch.testing.assert_close(torch.linalg.vector_norm(part, dim=-1), torch.ones(2, 6, 6))
 
 
-def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrated(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrated(fitted, tmp_path: Path) -> None:
     detector, root = fitted
     data_dir = DataDir(tmp_path)
     artifact = save_detector(data_dir, detector, name="pc", version=1, job_id=1, extra={"map_range": [0.0, 1.0]})
@@ -229,7 +229,7 @@ def test_a_model_file_saved_before_score_sigma_keeps_scoring_as_it_was_calibrate
     assert fresh.score_sigma == 1.0 and fresh.global_weight == 1.0
 
 
-def test_same_seed_same_bank(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_same_seed_same_bank(fitted) -> None:
     """Two fits with one seed keep the same rows in the same order (other seeds: see the coreset tests)."""
     detector, root = fitted
     pixels, _ = load_split(root, "train", SIZE)

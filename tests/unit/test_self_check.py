@@ -21,7 +21,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir: Path, textures) -> dict:  # type: ignore[no-untyped-def]
+def trained(data_dir: Path, textures) -> dict:
     out = invoke_cli(data_dir, "train", "--data", str(textures[0]), "--name", "bricks", *FAST_MVG, "--format", "json")
     return json.loads(out.stdout)
 
@@ -56,7 +56,7 @@ def test_models_and_jobs_show_it(data_dir: Path, trained: dict) -> None:
     assert {name: job[name] for name in NAMES} == {name: trained[name] for name in NAMES}
 
 
-def test_train_prints_it(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_train_prints_it(data_dir: Path, textures) -> None:
     out = invoke_cli(data_dir, "train", "--data", str(textures[0]), "--name", "printed", *FAST_MVG, "--set",
                      "calib_fraction=0.3")
     assert "metrics" in out.stdout and all(name in out.stdout for name in NAMES)

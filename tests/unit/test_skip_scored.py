@@ -14,7 +14,7 @@ from tests.helpers.cli import invoke_cli
 
 
 @pytest.fixture(scope="module")
-def nightly(tmp_path_factory: pytest.TempPathFactory, textures) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+def nightly(tmp_path_factory: pytest.TempPathFactory, textures) -> tuple[Path, Path]:
     """A data dir with a model, and last night's dump already scored once."""
     root, dump = textures
     data_dir = tmp_path_factory.mktemp("nightly")
@@ -28,7 +28,7 @@ def nightly(tmp_path_factory: pytest.TempPathFactory, textures) -> tuple[Path, P
 
 def _score(data_dir: Path, dump: Path) -> dict:
     out = invoke_cli(data_dir, "score", "--model", "m", str(dump), "--skip-scored", "--format", "json").stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    return json.loads(out)
 
 
 def _results(data_dir: Path, job_id: int) -> list[str]:

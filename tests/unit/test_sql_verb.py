@@ -139,7 +139,7 @@ def test_check_read_only_accepts_one_read(statement: str, body: str) -> None:
     ("SET ROLE postgres", "SET statements are refused"),
 ])
 def test_check_read_only_refuses(statement: str, message: str) -> None:
-    with pytest.raises(ReadOnlyViolation, match="read-only|empty") as refused:
+    with pytest.raises(ReadOnlyViolation, match=r"read-only|empty") as refused:
         queries.check_read_only(statement)
     assert message in str(refused.value)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from adqueue.store.models import (
     Base,
     Job,
     JobStatus,
-    Model,
     Result,
     Run,
     RunOutcome,
@@ -29,18 +27,18 @@ from adqueue.store.models import (
 )
 from adqueue.store.results import upsert_results
 from adqueue.store.session import Store
-from tests.helpers.store import LEASE, claim, job_with_shards, rows
 from adqueue.store.transitions import (
     ClaimedShard,
-    claim_shard,
+    cancel_job,
     close_if_complete,
     complete_shard,
+    interrupt_job,
     release_shard,
     renew_shard_lease,
     reopen_job,
-    cancel_job,
-    interrupt_job,
 )
+from tests.helpers.store import LEASE, claim, job_with_shards, rows
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
@@ -175,7 +173,7 @@ def test_resume_gives_failed_shards_a_fresh_budget_and_takes_their_counts_back(s
 
 
 def test_a_stopped_process_gives_its_attempt_back(store: Store) -> None:
-    job_id, (a, b) = job_with_shards(store, 2)
+    job_id, (a, _b) = job_with_shards(store, 2)
     claim(store, a)
     with store.session() as session:
         interrupt_job(session, job_id, "interrupted")

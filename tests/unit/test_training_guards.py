@@ -73,7 +73,7 @@ def stored_params(data_dir: Path, name: str) -> dict:
     ("max_images=ten", "training setting max_images must be an integer, not 'ten'"),
 ])
 def test_bad_training_settings_are_refused_before_a_job_exists(data_dir: Path, textures, setting: str,
-                                                               message: str) -> None:  # type: ignore[no-untyped-def]
+                                                               message: str) -> None:
     before = invoke(data_dir, "jobs", "--format", "json").stdout
     result = train(data_dir, textures[0], "refused", *FAST_MVG, "--set", setting, ok=False)
     assert result.exit_code != 0 and "Traceback" not in result.stderr
@@ -87,7 +87,7 @@ def test_min_images_setting_defaults_to_the_detectors_own() -> None:
     assert split_train_settings({})[0]["min_images"] == 0
 
 
-def test_too_few_fit_images_fail_with_a_hint_and_min_images_overrides(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_too_few_fit_images_fail_with_a_hint_and_min_images_overrides(data_dir: Path, textures) -> None:
     # 10 images: 2 held out to calibrate, 8 to fit, half of what mvg needs
     failed = train(data_dir, textures[0], "few", *FAST_MVG, "--set", "max_images=10", ok=False)
     hint = "mvg needs at least 16 defect-free images to fit, got 8; --set min_images=8 to train anyway"
@@ -101,7 +101,7 @@ def test_too_few_fit_images_fail_with_a_hint_and_min_images_overrides(data_dir: 
     assert params["train"]["min_images"] == 8 and params["fit"]["n_images"] == 8
 
 
-def test_unreadable_images_do_not_count_toward_the_minimum(data_dir: Path, textures, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unreadable_images_do_not_count_toward_the_minimum(data_dir: Path, textures, tmp_path: Path) -> None:
     folder = tmp_path / "good"
     folder.mkdir()
     for path in sorted((textures[0] / "train" / "good").glob("*.png"))[:20]:
@@ -120,7 +120,7 @@ def stored_threshold(data_dir: Path, name: str) -> float:
     return next(float(r["threshold"]) for r in rows if r["model"].startswith(f"{name}:"))
 
 
-def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: Path, textures) -> None:
     # 24 defect-free images with calib_fraction 0.2: 5 held out
     result = train(data_dir, textures[0], "bricks", *FAST_MVG)
     assert f"warning: {FEW_CALIB}" in flat(result.stderr)
@@ -134,7 +134,7 @@ def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: 
     assert "warnings" in table and "rough guess" in flat(table)
 
 
-def test_calibrating_on_the_training_images_warns(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_calibrating_on_the_training_images_warns(data_dir: Path, textures) -> None:
     result = train(data_dir, textures[0], "insample", *FAST_MVG, "--set", "calib_fraction=0")
     assert f"warning: {IN_SAMPLE}" in flat(result.stderr)
     (warning,) = stored_params(data_dir, "insample")["warnings"]
@@ -149,7 +149,7 @@ def test_enough_held_out_images_give_no_warning() -> None:
     assert f"only {MIN_CALIB_IMAGES - 1} held-out images" in warning
 
 
-def test_non_finite_calibration_scores_register_nothing(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_calibration_scores_register_nothing(data_dir: Path, textures) -> None:
     # a flow learning rate this large diverges: the flow's weights, and so its scores, turn NaN
     failed = train(data_dir, textures[0], "diverged", *TINY_FLOW, "--set", "flow_lr=1e6", ok=False)
     assert failed.exit_code == 1
@@ -161,7 +161,7 @@ def test_non_finite_calibration_scores_register_nothing(data_dir: Path, textures
         check_scores_finite(np.array([1.0, np.nan, 2.0, np.inf]))
 
 
-def test_a_threshold_far_beyond_the_calibration_scores_registers_nothing(data_dir: Path, textures) -> None:  # type: ignore[no-untyped-def]
+def test_a_threshold_far_beyond_the_calibration_scores_registers_nothing(data_dir: Path, textures) -> None:
     # the Gaussian bound for a one-in-10^15 false alarm rate lies far past 5 held-out scores
     failed = train(data_dir, textures[0], "farout", *TINY_FLOW, "--set", "fpr=1e-15", ok=False)
     assert failed.exit_code == 1

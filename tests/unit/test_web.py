@@ -25,7 +25,6 @@ from sqlalchemy import func, select, update
 
 from adqueue.core.config import Settings, sqlite_url
 from adqueue.jobs.context import Context
-from adqueue.web import queries as web_queries
 from adqueue.store.models import (
     Base,
     Job,
@@ -37,11 +36,12 @@ from adqueue.store.models import (
     Review,
 )
 from adqueue.web import pages
+from adqueue.web import queries as web_queries
 from adqueue.web.app import create_app
 from adqueue.web.drift import KS_CUTOFF, ks_statistic
 from benchmarks.harness.cli import FAST_MVG
-from tests.helpers.cli import invoke_cli
 from benchmarks.harness.servers import REPO
+from tests.helpers.cli import invoke_cli
 
 with warnings.catch_warnings():  # Starlette 1.x prefers the httpx2 fork for its TestClient; httpx works
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
@@ -52,7 +52,7 @@ LOCAL = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, textures) -> dict:  # type: ignore[no-untyped-def]
+def deployment(tmp_path_factory: pytest.TempPathFactory, textures) -> dict:
     """A data dir where a model was trained, a dump scored (with heat maps), the MVTec root scored
     (sub-folders) and the model evaluated: job ids and the Context the server runs on."""
     root, dump = textures
@@ -80,7 +80,7 @@ def client(deployment: dict) -> Iterator[TestClient]:
         yield test_client
 
 
-def sql(deployment: dict, statement):  # type: ignore[no-untyped-def]
+def sql(deployment: dict, statement):
     with deployment["context"].store.session() as session:
         return session.execute(statement).all()
 
@@ -157,7 +157,7 @@ def test_sub_folder_rates_match_sql(deployment: dict, client: TestClient) -> Non
     job_id = deployment["ids"]["tree"]
     source = sql(deployment, select(Job.source).where(Job.id == job_id))[0][0]
     expected: dict[str, list[int]] = {}
-    for path, flagged, score in sql(deployment, select(Result.path, Result.is_anomaly, Result.score)
+    for path, flagged, _score in sql(deployment, select(Result.path, Result.is_anomaly, Result.score)
                                     .where(Result.job_id == job_id)):
         folder = str(Path(path).parent.relative_to(source))
         expected.setdefault(folder, [0, 0])
@@ -266,7 +266,7 @@ def test_ks_statistic_matches_scipy() -> None:
         assert ks_statistic(list(a), list(b)) == pytest.approx(ks_2samp(a, b).statistic)
 
 
-def raw_get(app, raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+def raw_get(app, raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
     """One request with an exact path, bypassing any client's URL normalization."""
     from urllib.parse import unquote_to_bytes
 
