@@ -17,14 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-# The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
-from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
 from adqueue.core.errors import BackboneUnavailable
 from adqueue.core.hashing import file_sha256
+
+# The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
+from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +44,9 @@ class BackboneWeights:
 
 class FeatureExtractor(nn.Module):
     """Runs the stages up to the deepest requested level and returns the requested levels."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -144,7 +149,7 @@ def _torchvision(name: str) -> FeatureExtractor:
     }
     build, weights_enum = builders[name]
     path = _torchvision_weights_file(name, weights_enum)
-    model = build(weights=None)
+    model: Any = build(weights=None)  # its stages are attributes that differ by architecture
     model.load_state_dict(_load_state(path))
     weights = BackboneWeights(path, _sha256(path))
     if name.startswith(("resnet", "wide_resnet")):
