@@ -5,26 +5,36 @@ defect-free images only, and scores a batch into one number per image plus an an
 image. Everything needed to score the same way elsewhere (preprocessing, hyperparameters, fitted
 statistics) is in its config and its state dict.
 
+The base does what every detector would otherwise repeat: it checks the config, derives the
+preprocessing and the frozen backbone's identity from it, times `fit`, and keeps the one flag that
+says whether the detector is fitted, set by `fit` and by loading a complete trained state.
+Subclasses write `_fit` and `_score`.
+
 The torch-free parts live apart, for code that must not import torch: each detector's Config and
-its checks in detectors/configs/, `--set` parsing in detectors/settings.py, the Progress protocol
-in adqueue/progress.py.
+its `validate` in detectors/<name>/config.py, `--set` parsing in detectors/settings.py, the
+Progress protocol in adqueue/core/progress.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.utils.data import Dataset
 
-from adqueue.core.progress import Progress
+from adqueue.core.progress import NullProgress, Progress
 from adqueue.data.preprocess import Preprocess
+from adqueue.detectors.components.backbones import FeatureExtractor
 from adqueue.detectors.components.thresholds import calibrate_threshold
 
 
@@ -43,8 +53,17 @@ class FitReport:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class FitResult:
+    """What a detector's `_fit` reports; `fit` adds the image count and the time taken."""
+
+    losses: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class Detector(nn.Module, ABC):
-    """Base class. Subclasses set `name`, `Config` (a dataclass) and implement fit/score."""
+    """Base class. Subclasses set `name` and `Config` (the dataclass of their config module) and
+    implement `_fit` and `_score`."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
@@ -52,33 +71,66 @@ class Detector(nn.Module, ABC):
     # come from the backbone registry and are checked by hash on load.
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
     # True when maps need more than the scoring pass (a backward pass to the input, say): the
-    # scoring pipeline then asks for maps only for the images that get a heat map.
+    # scoring service then asks for maps only for the images that get a heat map.
     costly_maps: ClassVar[bool] = False
     # Fewest readable defect-free images `fit` may get before training refuses (`--set
     # min_images=N` overrides it): below it a model registers but scores little better than
     # chance. Each detector sets its own; 2 is the least any statistics need.
     min_fit_images: ClassVar[int] = 2
+    # True when `calibrate_threshold` may return a threshold beyond the calibration scores (a
+    # parametric bound rather than a quantile): training then checks it against a wider range.
+    extrapolating_threshold: ClassVar[bool] = False
+    # differnet and encoder_flow kept "fitted" as a bool buffer of this name before the base had
+    # its flag, so their model files hold that entry. The base still writes it from the flag (code
+    # of that time loads new files) and reads it back into the flag, with no buffer of its own.
+    fitted_state_key: ClassVar[str | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.validate_config(config)
         self.config = config
+        self._fitted = False
 
     @classmethod
     def validate_config(cls, config: Any) -> None:
-        """Raise ValueError for settings that cannot work; cheap, loads no weights."""
+        """Raise ValueError for settings that cannot work; cheap, loads no weights.
+
+        The checks are the `validate` function beside the Config class, which the submission code
+        also runs without importing torch.
+        """
+        importlib.import_module(cls.Config.__module__).validate(config)
 
     @property
-    @abstractmethod
-    def preprocess(self) -> Preprocess: ...
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.config.image_size, channels=getattr(self.config, "channels", 3))
 
-    @abstractmethod
+    @property
+    def fitted(self) -> bool:
+        return self._fitted
+
     def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
         """Fit on defect-free images; `images[i]` is a float [C, H, W] tensor in [0, 1]."""
+        started = time.perf_counter()
+        result = self._fit(images, progress or NullProgress())
+        self._fitted = True
+        return FitReport(
+            n_images=len(images),  # type: ignore[arg-type]
+            seconds=time.perf_counter() - started,
+            losses=result.losses,
+            info=result.info,
+        )
 
-    @abstractmethod
     def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
         """Score a float [B, C, H, W] batch in [0, 1]."""
+        if not self.fitted:
+            raise RuntimeError(f"the {self.name} detector is not fitted: call fit() or load a trained state first")
+        return self._score(batch, with_maps=with_maps)
+
+    @abstractmethod
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult: ...
+
+    @abstractmethod
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores: ...
 
     def calibrate_threshold(self, normal_scores: np.ndarray, fpr: float) -> float:
         """The anomaly threshold from held-out normal images' scores, for a target false-alarm rate.
@@ -89,15 +141,20 @@ class Detector(nn.Module, ABC):
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
+        for parameter in self.parameters():
+            return parameter.device
+        for buffer in self.buffers():
+            return buffer.device
         return torch.device("cpu")
 
     def backbone_identity(self) -> dict[str, str]:
         """Name and weight hash of the frozen pretrained part, if any (checked on load)."""
-        return {}
+        if not self.frozen_prefixes:
+            return {}
+        (prefix,) = self.frozen_prefixes  # a model file records a single backbone
+        backbone = self.get_submodule(prefix.removesuffix("."))
+        assert isinstance(backbone, FeatureExtractor)
+        return backbone.identity()
 
     def trainable_state(self) -> dict[str, Tensor]:
         return {
@@ -106,11 +163,49 @@ class Detector(nn.Module, ABC):
             if not key.startswith(self.frozen_prefixes)
         }
 
-    extrapolating_threshold: ClassVar[bool] = False  # TEMP until the detector template lands
-
-    def load_fitted(self, state: Any) -> tuple[list[str], list[str]]:  # TEMP until the detector template lands
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        return [k for k in missing if not k.startswith(self.frozen_prefixes)], list(unexpected)
-
     def config_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self.config)))
+
+    def load_fitted(self, state: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Load a trained state (a model file's, without the frozen weights): the keys it lacks
+        beyond the frozen ones, and those it has in excess. With neither, the detector is fitted
+        (unless the state records that it was not)."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        return self._missing_trained(missing), list(unexpected)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        # A state that sets every trained tensor is a fitted detector's, whichever way it is loaded,
+        # unless it records that it was not; a partial one leaves the detector unfitted.
+        self._fitted = False
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        complete = not self._missing_trained(result.missing_keys) and not result.unexpected_keys
+        self._fitted = complete and (not self.fitted_state_key or bool(state_dict[self.fitted_state_key]))
+        return result
+
+    def _missing_trained(self, missing: list[str]) -> list[str]:
+        return [key for key in missing if not key.startswith(self.frozen_prefixes)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fitted_state_key:
+            destination[prefix + self.fitted_state_key] = torch.tensor(self._fitted, device=self.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.fitted_state_key:
+            return
+        # The entry is no parameter or buffer: account for it as nn.Module would for a bool buffer.
+        key = prefix + self.fitted_state_key
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if state_dict[key].shape != torch.Size([]):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {state_dict[key].shape} from "
+                              "checkpoint, the shape in current model is torch.Size([]).")

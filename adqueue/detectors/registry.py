@@ -1,36 +1,28 @@
 """Detectors by name, imported lazily so that `adqueue jobs` never pays for importing torch.
 
+Every detector lives in its own folder, adqueue/detectors/<name>/: `config.py` holds its Config
+dataclass and `validate(config)` and imports no torch; `model.py` holds the Detector subclass.
+The one table below lists the names; the rest is found by that convention.
+
 Two ways in: `config_spec` gives a detector's settings (its Config dataclass), their checks and a
-one-line summary without importing torch (adqueue/detectors/configs/), for listing settings and
-validating them at submission; `detector_class` / `create` import the detector itself, for
-the code that trains and scores.
+one-line summary without importing torch, for listing settings and validating them at submission;
+`detector_class` / `create` import the detector itself, for the code that trains and scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adqueue.detectors.base import Detector
 
-_DETECTORS: dict[str, str] = {
-    "mvg": "adqueue.detectors.mvg.model:MVGDetector",
-    "ebm": "adqueue.detectors.ebm.model:EBMDetector",
-    "differnet": "adqueue.detectors.differnet.model:DifferNetDetector",
-    "encoder_flow": "adqueue.detectors.encoder_flow.model:EncoderFlowDetector",
-    "patchcore": "adqueue.detectors.patchcore.model:PatchCoreDetector",
-}
-# Each detector's torch-free settings module: its Config dataclass and `validate(config)`.
-_CONFIGS: dict[str, str] = {
-    "mvg": "adqueue.detectors.mvg.config:MVGConfig",
-    "ebm": "adqueue.detectors.ebm.config:EBMConfig",
-    "differnet": "adqueue.detectors.differnet.config:DifferNetConfig",
-    "encoder_flow": "adqueue.detectors.encoder_flow.config:EncoderFlowConfig",
-    "patchcore": "adqueue.detectors.patchcore.config:PatchCoreConfig",
-}
+DETECTORS = ("mvg", "ebm", "differnet", "encoder_flow", "patchcore")
 
 
 @dataclass(frozen=True)
@@ -52,28 +44,37 @@ class ConfigSpec:
 
 
 def names() -> list[str]:
-    return sorted(_DETECTORS)
+    return sorted(DETECTORS)
 
 
-def _target(table: dict[str, str], name: str) -> tuple[str, str]:
-    try:
-        module_name, _, attr = table[name].partition(":")
-    except KeyError:
-        raise ValueError(f"unknown detector {name!r}; available: {', '.join(names())}") from None
-    return module_name, attr
+def _module(name: str, part: str) -> ModuleType:
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(names())}")
+    return importlib.import_module(f"adqueue.detectors.{name}.{part}")
+
+
+def _defined_in(module: ModuleType, wanted: Callable[[type], bool], what: str) -> type:
+    """The one class defined in `module` (not imported into it) that is `wanted`."""
+    found = [value for value in vars(module).values()
+             if inspect.isclass(value) and value.__module__ == module.__name__ and wanted(value)]
+    if len(found) != 1:
+        raise TypeError(f"{module.__name__} must define exactly one {what}, not {len(found)}")
+    return found[0]
 
 
 def config_spec(name: str) -> ConfigSpec:
     """The detector's settings and their checks, importing no torch."""
-    module_name, attr = _target(_CONFIGS, name)
-    module = importlib.import_module(module_name)
+    module = _module(name, "config")
     summary = ((module.__doc__ or "").strip().splitlines() or [""])[0]
-    return ConfigSpec(name, getattr(module, attr), module.validate, summary)
+    config_class = _defined_in(module, dataclasses.is_dataclass, "Config dataclass")
+    return ConfigSpec(name, config_class, module.validate, summary)
 
 
 def detector_class(name: str) -> type[Detector]:
-    module_name, attr = _target(_DETECTORS, name)
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    from adqueue.detectors.base import Detector
+
+    module = _module(name, "model")
+    return _defined_in(module, lambda cls: issubclass(cls, Detector), "Detector subclass")  # type: ignore[return-value]
 
 
 def create_saved(name: str, saved: Mapping[str, Any]) -> Detector:

@@ -190,6 +190,6 @@ def test_unfitted_or_misshapen_input_is_refused() -> None:
     assert detector.preprocess.size == SIZE and detector.preprocess.channels == 1
     with pytest.raises(RuntimeError, match="not fitted"):
         detector.score(torch.zeros(1, 1, SIZE, SIZE))
-    detector.n_fitted.fill_(2)
+    assert detector.load_fitted(detector.trainable_state()) == ([], []) and detector.fitted  # any complete state
     with pytest.raises(ValueError, match=r"expects \[B, 1, 32, 32\]"):
         detector.score(torch.zeros(1, 3, SIZE, SIZE))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,9 @@ class BackboneWeights:
 
 class FeatureExtractor(nn.Module):
     """Runs the stages up to the deepest requested level and returns the requested levels."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -145,7 +149,7 @@ def _torchvision(name: str) -> FeatureExtractor:
     }
     build, weights_enum = builders[name]
     path = _torchvision_weights_file(name, weights_enum)
-    model = build(weights=None)
+    model: Any = build(weights=None)  # its stages are attributes that differ by architecture
     model.load_state_dict(_load_state(path))
     weights = BackboneWeights(path, _sha256(path))
     if name.startswith(("resnet", "wide_resnet")):

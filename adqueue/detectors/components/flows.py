@@ -75,6 +75,9 @@ class CouplingFlow(nn.Module):
     features of any magnitude.
     """
 
+    shift: Tensor
+    log_scale: Tensor
+
     def __init__(self, spec: FlowSpec) -> None:
         super().__init__()
         self.spec = spec

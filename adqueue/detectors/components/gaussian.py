@@ -9,7 +9,8 @@ is small next to the feature dimension.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ class GaussianScorer(nn.Module):
     """
 
     _BUFFERS = ("mean", "basis", "precision")
+    mean: Tensor
+    basis: Tensor
+    precision: Tensor
 
     def __init__(self, dim: int = 0, kept: int = 0) -> None:
         super().__init__()
@@ -99,6 +103,9 @@ class LevelGaussians(nn.ModuleList):
 
     def __init__(self, count: int) -> None:
         super().__init__(GaussianScorer() for _ in range(count))
+
+    def __iter__(self) -> Iterator[GaussianScorer]:  # ModuleList's own says Module: callers read `.kept`
+        return cast(Iterator[GaussianScorer], super().__iter__())
 
     @property
     def fitted(self) -> bool:

@@ -1,7 +1,7 @@
 """`differnet`: a normalizing flow on multi-scale pretrained features, scored over many transforms.
 
 Its settings and their checks, free of torch: `adqueue detectors` lists them and `adqueue train`
-checks them when it submits. The detector itself is adqueue/detectors/differnet.py.
+checks them when it submits. The detector itself is adqueue/detectors/differnet/model.py.
 """
 
 from __future__ import annotations

@@ -16,17 +16,16 @@ channels, rotated back and averaged over `map_transforms` of those transforms.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from adqueue.core.progress import NullProgress, Progress
-from adqueue.data.preprocess import Preprocess
-from adqueue.detectors.base import Detector, FitReport, Scores
+from adqueue.core.progress import Progress
+from adqueue.detectors.base import Detector, FitResult, Scores
 from adqueue.detectors.components.augment import (
     Transforms,
     evenly_spread_transforms,
@@ -44,7 +43,6 @@ from adqueue.detectors.components.flows import (
 )
 from adqueue.detectors.components.gradient_maps import blurred_abs_sum, input_gradient
 from adqueue.detectors.differnet.config import SCORES, DifferNetConfig, feature_levels
-from adqueue.detectors.differnet.config import validate as validate_differnet_config
 
 
 class MultiScalePooled(nn.Module):
@@ -73,6 +71,7 @@ class DifferNetDetector(Detector):
     frozen_prefixes = ("features.backbone.",)
     min_fit_images = 16  # the paper's few-shot runs go down to 16 images; a flow on fewer memorizes them
     costly_maps = True
+    fitted_state_key = "fitted"  # its model files hold the flag there (see Detector.fitted_state_key)
 
     def __init__(self, config: DifferNetConfig) -> None:
         super().__init__(config)
@@ -82,38 +81,18 @@ class DifferNetDetector(Detector):
             torch.manual_seed(config.seed)
             self.flow = CouplingFlow(FlowSpec(self.features.dim, config.n_blocks, config.hidden,
                                               config.n_hidden, config.clamp, config.seed))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.test_set = evenly_spread_transforms(config.test_transforms, config.seed, **self._augment())
 
-    @classmethod
-    def validate_config(cls, config: DifferNetConfig) -> None:
-        validate_differnet_config(config)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.config.image_size, channels=3)
-
-    def backbone_identity(self) -> dict[str, str]:
-        return self.features.backbone.identity()
-
-    def _augment(self) -> dict[str, float | bool]:
+    def _augment(self) -> dict[str, Any]:
         cfg = self.config
         return {"rotation": cfg.rotation, "brightness": cfg.brightness, "contrast": cfg.contrast}
 
-    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
-        progress = progress or NullProgress()
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
-        started = time.perf_counter()
         cache = self._feature_cache(images, progress)
         training = FlowTraining(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
         losses = fit_flow(self.flow, cache, training, progress=progress)
-        self.fitted.fill_(True)
-        return FitReport(
-            n_images=len(images),  # type: ignore[arg-type]
-            seconds=time.perf_counter() - started,
-            losses=losses,
-            info={"feature_dim": self.features.dim, "cached_vectors": len(cache)},
-        )
+        return FitResult(losses=losses, info={"feature_dim": self.features.dim, "cached_vectors": len(cache)})
 
     @torch.no_grad()
     def _feature_cache(self, images: Dataset[Tensor], progress: Progress) -> Tensor:
@@ -151,9 +130,7 @@ class DifferNetDetector(Detector):
         _, grad = input_gradient(nll, images)
         return {name: value.detach() for name, value in values.items()}, grad
 
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if not bool(self.fitted):
-            raise RuntimeError("the differnet detector is not fitted: call fit() or load a trained state first")
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores:
         batch = batch.to(self.device)
         count = len(self.test_set)
         with_map = set(spread_indices(count, self.config.map_transforms)) if with_maps else set()

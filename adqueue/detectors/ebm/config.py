@@ -1,7 +1,7 @@
 """`ebm`: an energy-based model trained from scratch; energy and gradient-map scores.
 
 Its settings and their checks, free of torch: `adqueue detectors` lists them and `adqueue train`
-checks them when it submits. The detector itself is adqueue/detectors/ebm.py.
+checks them when it submits. The detector itself is adqueue/detectors/ebm/model.py.
 """
 
 from __future__ import annotations

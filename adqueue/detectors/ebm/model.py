@@ -48,16 +48,15 @@ the image score is A_std with r = `norm`, the map a_std (its per-pixel channel n
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from adqueue.core.progress import NullProgress, Progress
-from adqueue.data.preprocess import Preprocess
-from adqueue.detectors.base import Detector, FitReport, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores
 from adqueue.detectors.components.gradient_maps import (
     RunningMoments,
     channel_norm,
@@ -68,7 +67,6 @@ from adqueue.detectors.components.gradient_maps import (
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
 from adqueue.detectors.ebm.config import EBMConfig
-from adqueue.detectors.ebm.config import validate as validate_ebm_config
 
 
 class EnergyNet(nn.Module):
@@ -79,7 +77,7 @@ class EnergyNet(nn.Module):
         self.normalize = normalize
         widths = [width * m for m in (1, 2, 4, 8, 8, 8)]
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.ELU()]
-        for f_in, f_out in zip(widths[:-1], widths[1:]):
+        for f_in, f_out in pairwise(widths):
             layers += [nn.Conv2d(f_in, f_out, 4, 2, 1), nn.ELU()]
         layers.append(nn.Conv2d(widths[-1], 1, image_size // 32, 1, 0))
         self.layers = nn.Sequential(*layers)
@@ -97,6 +95,9 @@ class EBMDetector(Detector):
     min_fit_images = 16  # trained from scratch: on fewer it learns those images, not the texture
     # The score needs the input gradient anyway, so a map costs only its blur.
     costly_maps = False
+    grad_mean: Tensor
+    grad_std: Tensor
+    n_fitted: Tensor
 
     def __init__(self, config: EBMConfig) -> None:
         super().__init__(config)
@@ -109,15 +110,9 @@ class EBMDetector(Detector):
         # loads a saved state as is.
         self.register_buffer("grad_mean", torch.zeros(shape))
         self.register_buffer("grad_std", torch.ones(shape))
+        # How many images the statistics came from. Model files carry it, and older code reads a
+        # zero as "not fitted", so it stays; whether this detector is fitted is the base's flag.
         self.register_buffer("n_fitted", torch.zeros((), dtype=torch.int64))
-
-    @classmethod
-    def validate_config(cls, config: EBMConfig) -> None:
-        validate_ebm_config(config)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.config.image_size, channels=self.config.channels)
 
     def energy(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -132,9 +127,7 @@ class EBMDetector(Detector):
             x = (x - cfg.sgld_step_size * grad + cfg.sgld_noise * noise).clamp_(0.0, 1.0)
         return x
 
-    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
-        progress = progress or NullProgress()
-        started = time.perf_counter()
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
         n_images = len(images)  # type: ignore[arg-type]
         self._check_batch(images[0][None])
@@ -172,12 +165,7 @@ class EBMDetector(Detector):
             progress.advance(1, loss=losses[-1], e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
         self.net.zero_grad(set_to_none=True)
         self.fit_gradient_statistics(images, progress)
-        return FitReport(
-            n_images=n_images,
-            seconds=time.perf_counter() - started,
-            losses=losses,
-            info={"e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()},
-        )
+        return FitResult(losses=losses, info={"e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()})
 
     def fit_gradient_statistics(
         self, images: Dataset[Tensor] | Tensor, progress: Progress | None = None
@@ -199,9 +187,7 @@ class EBMDetector(Detector):
         self.grad_std.copy_(moments.std().to(self.grad_std.dtype))
         self.n_fitted.fill_(moments.count)
 
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if int(self.n_fitted) == 0:
-            raise RuntimeError("the ebm detector is not fitted: call fit() or load a trained state first")
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores:
         self._check_batch(batch)
         energy, grad = input_gradient(self.net, batch.to(self.device))
         z = standardize(grad, self.grad_mean, self.grad_std)

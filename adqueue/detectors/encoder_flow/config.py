@@ -1,7 +1,7 @@
 """`encoder_flow`: a normalizing flow on the latent vectors of an autoencoder trained from scratch.
 
 Its settings and their checks, free of torch: `adqueue detectors` lists them and `adqueue train`
-checks them when it submits. The detector itself is adqueue/detectors/encoder_flow.py.
+checks them when it submits. The detector itself is adqueue/detectors/encoder_flow/model.py.
 """
 
 from __future__ import annotations

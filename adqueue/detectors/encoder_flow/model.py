@@ -25,23 +25,21 @@ score is also averaged (`tta`).
 from __future__ import annotations
 
 import math
-import time
+from itertools import pairwise
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from adqueue.core.progress import NullProgress, Progress
-from adqueue.data.preprocess import Preprocess
-from adqueue.detectors.base import Detector, FitReport, Scores
+from adqueue.core.progress import Progress
+from adqueue.detectors.base import Detector, FitResult, Scores
 from adqueue.detectors.components.flows import CouplingFlow, FlowSpec, FlowTraining, fit_flow
 from adqueue.detectors.components.gradient_maps import channel_norm, input_gradient
 from adqueue.detectors.components.maps import gaussian_blur
 from adqueue.detectors.components.photometric import standardize_images
 from adqueue.detectors.components.thresholds import calibrate_threshold, gaussian_bound
 from adqueue.detectors.encoder_flow.config import AUGMENTS, EncoderFlowConfig
-from adqueue.detectors.encoder_flow.config import validate as validate_encoder_flow_config
 
 
 def _widths(cfg: EncoderFlowConfig) -> list[int]:
@@ -62,7 +60,7 @@ def build_encoder(cfg: EncoderFlowConfig) -> nn.Sequential:
     """DCGAN discriminator body: [B, C, S, S] in [0, 1] -> [B, latent_dim]."""
     widths = _widths(cfg)
     layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
-    for c_in, c_out in zip(widths, widths[1:]):
+    for c_in, c_out in pairwise(widths):
         layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
     layers += [nn.Conv2d(widths[-1], cfg.latent_dim, 4, 1, 0), nn.Flatten()]
     return nn.Sequential(*layers)
@@ -75,7 +73,7 @@ def build_decoder(cfg: EncoderFlowConfig) -> nn.Sequential:
         nn.Unflatten(1, (cfg.latent_dim, 1, 1)),
         nn.ConvTranspose2d(cfg.latent_dim, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
     ]
-    for c_in, c_out in zip(widths, widths[1:]):
+    for c_in, c_out in pairwise(widths):
         layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
     layers += [nn.ConvTranspose2d(widths[-1], cfg.channels, 4, 2, 1), nn.Sigmoid()]
     return nn.Sequential(*layers)
@@ -94,10 +92,13 @@ def view(images: Tensor, index: int) -> Tensor:
 
 class EncoderFlowDetector(Detector):
     name = "encoder_flow"
-    extrapolating_threshold = True  # TEMP
     Config = EncoderFlowConfig
     min_fit_images = 16  # AE and flow from scratch: on fewer, the latent density is a handful of points
     costly_maps = True  # the default map is a backward pass through flow and encoder
+    # The paper's Gaussian bound may lie past the largest normal score. Set whatever threshold_rule
+    # says, as training has always treated this detector.
+    extrapolating_threshold = True
+    fitted_state_key = "fitted"  # its model files hold the flag there (see Detector.fitted_state_key)
 
     def __init__(self, config: EncoderFlowConfig) -> None:
         super().__init__(config)
@@ -109,15 +110,6 @@ class EncoderFlowDetector(Detector):
             self.decoder.apply(_dcgan_init)
             self.flow = CouplingFlow(FlowSpec(config.latent_dim, config.flow_blocks, config.flow_hidden,
                                               config.flow_layers, config.flow_clamp, config.seed))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    @classmethod
-    def validate_config(cls, config: EncoderFlowConfig) -> None:
-        validate_encoder_flow_config(config)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.config.image_size, channels=self.config.channels)
 
     @property
     def views(self) -> range:
@@ -126,9 +118,7 @@ class EncoderFlowDetector(Detector):
     def _prepare(self, images: Tensor) -> Tensor:
         return standardize_images(images) if self.config.normalize else images
 
-    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
-        progress = progress or NullProgress()
-        started = time.perf_counter()
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
         pixels = self._prepare(torch.stack([images[i] for i in range(len(images))]))  # type: ignore[arg-type]
         ae_losses = self._fit_autoencoder(pixels, progress)
@@ -136,11 +126,8 @@ class EncoderFlowDetector(Detector):
         training = FlowTraining(epochs=cfg.flow_epochs, batch_size=cfg.flow_batch_size, lr=cfg.flow_lr,
                                 seed=cfg.seed)
         flow_losses = fit_flow(self.flow, latents, training, progress=progress)
-        self.fitted.fill_(True)
         self.eval()
-        return FitReport(
-            n_images=len(pixels),
-            seconds=time.perf_counter() - started,
+        return FitResult(
             losses=flow_losses,
             info={"autoencoder_l1": [round(x, 5) for x in ae_losses],
                   "flow_nll": [round(x, 5) for x in flow_losses], "latent_vectors": len(latents)},
@@ -161,7 +148,8 @@ class EncoderFlowDetector(Detector):
             for start in range(0, len(pixels), cfg.ae_batch_size):
                 picked = pixels[order[start : start + cfg.ae_batch_size]]
                 views = torch.randint(len(self.views), (len(picked),), generator=generator).tolist()
-                batch = torch.stack([view(image, index) for image, index in zip(picked, views)]).to(self.device)
+                batch = torch.stack([view(image, index)
+                                     for image, index in zip(picked, views, strict=True)]).to(self.device)
                 loss = (self.decoder(self.encoder(batch)) - batch).abs().mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -193,9 +181,7 @@ class EncoderFlowDetector(Detector):
         views = self.views if self.config.tta else range(1)
         return torch.stack([self.flow.nll(self.encoder(view(images, index))) for index in views]).mean(dim=0)
 
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if not bool(self.fitted):
-            raise RuntimeError("the encoder_flow detector is not fitted: call fit() or load a trained state first")
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores:
         cfg = self.config
         was_training = self.training
         self.eval()  # BatchNorm must use its running statistics, whatever the caller's mode

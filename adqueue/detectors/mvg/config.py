@@ -1,7 +1,7 @@
 """`mvg`: a multivariate Gaussian on pretrained deep features, with OPCA.
 
 Its settings and their checks, free of torch: `adqueue detectors` lists them and `adqueue train`
-checks them when it submits. The detector itself is adqueue/detectors/mvg.py.
+checks them when it submits. The detector itself is adqueue/detectors/mvg/model.py.
 """
 
 from __future__ import annotations

@@ -12,21 +12,17 @@ bilinearly to the input size and averaged over levels.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from adqueue.core.progress import NullProgress, Progress
-from adqueue.data.preprocess import Preprocess
-from adqueue.detectors.base import Detector, FitReport, Scores
+from adqueue.core.progress import Progress
+from adqueue.detectors.base import Detector, FitResult, Scores
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.mvg.config import MVGConfig
-from adqueue.detectors.mvg.config import validate as validate_mvg_config
 
 
 class MVGDetector(Detector):
@@ -42,25 +38,12 @@ class MVGDetector(Detector):
         self.image_gaussians = LevelGaussians(len(config.levels))
         self.map_gaussians = nn.ModuleList(GaussianScorer() for _ in config.map_levels)
 
-    @classmethod
-    def validate_config(cls, config: MVGConfig) -> None:
-        validate_mvg_config(config)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.config.image_size, channels=3)
-
-    def backbone_identity(self) -> dict[str, str]:
-        return self.backbone.identity()
-
     def _features(self, batch: Tensor) -> dict[int, Tensor]:
         maps = self.backbone(batch.to(self.device), self._all_levels)
         return dict(zip(self._all_levels, maps, strict=True))
 
     @torch.no_grad()
-    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
-        progress = progress or NullProgress()
-        started = time.perf_counter()
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in cfg.levels}
@@ -77,23 +60,18 @@ class MVGDetector(Detector):
         progress.phase("fitting Gaussians", len(cfg.levels) + len(cfg.map_levels))
         kept: dict[str, int] = {}
         self.image_gaussians.fit([np.concatenate(pooled[level]) for level in cfg.levels], cfg.variance).to(self.device)
-        kept.update({f"level{level}": scorer.kept for level, scorer in zip(cfg.levels, self.image_gaussians, strict=True)})
+        kept.update({f"level{level}": scorer.kept
+                     for level, scorer in zip(cfg.levels, self.image_gaussians, strict=True)})
         progress.advance(len(cfg.levels))
         for index, level in enumerate(cfg.map_levels):
             scorer = GaussianScorer.fit(np.concatenate(local[level]), cfg.map_variance).to(self.device)
             self.map_gaussians[index] = scorer
             kept[f"map_level{level}"] = scorer.kept
             progress.advance()
-        return FitReport(
-            n_images=len(images),  # type: ignore[arg-type]
-            seconds=time.perf_counter() - started,
-            info={"kept_components": kept},
-        )
+        return FitResult(info={"kept_components": kept})
 
     @torch.no_grad()
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if not self.image_gaussians.fitted:
-            raise RuntimeError("the mvg detector is not fitted: call fit() or load a trained state first")
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores:
         cfg = self.config
         features = self._features(batch)
         image = self.image_gaussians([features[level].mean(dim=(2, 3)) for level in cfg.levels])

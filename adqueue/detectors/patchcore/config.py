@@ -1,7 +1,7 @@
 """`patchcore`: a coreset memory bank of locally aware patch features, scored by nearest neighbours.
 
 Its settings and their checks, free of torch: `adqueue detectors` lists them and `adqueue train`
-checks them when it submits. The detector itself is adqueue/detectors/patchcore.py.
+checks them when it submits. The detector itself is adqueue/detectors/patchcore/model.py.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class PatchCoreConfig:
     score_sigma: float = 1.0
     # Weight of a whole-image term in the image score: a Gaussian on the globally pooled features of
     # `global_levels` (mvg's image statistics), added to the patch score after both are standardized
-    # by how they spread on unseen normal images (estimated at fit, see detectors/patchcore.py). The
+    # by how they spread on unseen normal images (estimated at fit, see detectors/patchcore/model.py). The
     # patch score misses defects that change a tile's overall texture or shade more than any one
     # patch; the Gaussian misses small ones. Through the CLI (benchmarks/detectors.py): MTD image
     # AUROC 0.923 -> 0.958, battery welds 0.972 -> 0.984. Maps stay patch distances. 0 = the

@@ -7,11 +7,11 @@ Features: middle levels of a frozen ImageNet backbone, each averaged over a p x 
 (stride 1) so a patch sees its surroundings, the deeper ones upsampled to the shallowest one's
 grid, each average-pooled over channels to a fixed width so every level weighs the same in the
 distance (or, as a setting, kept whole and scaled to unit length), concatenated. Fit: every
-training patch goes into a bank that greedy coreset selection thins to a fraction. Score: each test patch's distance to its nearest bank entry
-is the anomaly map (upsampled, Gaussian-blurred); the image score is the largest of them after a
-light smoothing over neighbouring patches, reweighted by how isolated the nearest bank entry of
-that patch is among its own neighbours (paper Eq. 7). The bank is a buffer, so it is saved in the
-model file; the backbone is not.
+training patch goes into a bank that greedy coreset selection thins to a fraction. Score: each
+test patch's distance to its nearest bank entry is the anomaly map (upsampled, Gaussian-blurred);
+the image score is the largest of them after a light smoothing over neighbouring patches,
+reweighted by how isolated the nearest bank entry of that patch is among its own neighbours (paper
+Eq. 7). The bank is a buffer, so it is saved in the model file; the backbone is not.
 
 Beyond the paper (`global_weight`, on by default): a whole-image term, the summed Mahalanobis
 distances of the globally pooled deeper levels (as `mvg` scores images), is added to the patch
@@ -25,24 +25,20 @@ score alone.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from adqueue.core.progress import NullProgress, Progress
-from adqueue.data.preprocess import Preprocess
-from adqueue.detectors.base import Detector, FitReport, Scores
+from adqueue.core.progress import Progress
+from adqueue.detectors.base import Detector, FitResult, Scores
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset
 from adqueue.detectors.components.gaussian import LevelGaussians, out_of_fold_distances
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore.config import PatchCoreConfig
-from adqueue.detectors.patchcore.config import validate as validate_patchcore_config
 
 GLOBAL_MIN_IMAGES = 16  # as mvg's minimum: OPCA's least-variance axes are noise below it
 HELD_OUT_IMAGES = 64  # training images whose patch score, without their own bank rows, sets its scale
@@ -67,17 +63,6 @@ class PatchCoreDetector(Detector):
             # Mean and spread of the patch score, then of the whole-image distance, on unseen normal
             # images. Unfitted Gaussians (too few training images) leave the whole-image term out.
             self.register_buffer("score_norm", torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64))
-
-    @classmethod
-    def validate_config(cls, config: PatchCoreConfig) -> None:
-        validate_patchcore_config(config)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.config.image_size, channels=3)
-
-    def backbone_identity(self) -> dict[str, str]:
-        return self.backbone.identity()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # The bank's row count is only known after fitting: take its shape from the saved state.
@@ -117,9 +102,7 @@ class PatchCoreDetector(Detector):
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
-    def fit(self, images: Dataset[Tensor], *, progress: Progress | None = None) -> FitReport:
-        progress = progress or NullProgress()
-        started = time.perf_counter()
+    def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
         loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=False)
         progress.phase("extracting patch features", len(images))  # type: ignore[arg-type]
@@ -151,7 +134,7 @@ class PatchCoreDetector(Detector):
             per_level = [np.concatenate(level) for level in zip(*pooled, strict=True)]
             info["global_term"] = self._fit_score_norm(patches.view(-1, *grid, patches.shape[-1]),
                                                        keep // (grid[0] * grid[1]), per_level, progress)
-        return FitReport(n_images=len(images), seconds=time.perf_counter() - started, info=info)  # type: ignore[arg-type]
+        return FitResult(info=info)
 
     def _fit_score_norm(self, patches: Tensor, bank_sources: Tensor, per_level: list[np.ndarray],
                         progress: Progress) -> bool:
@@ -197,9 +180,7 @@ class PatchCoreDetector(Detector):
         return image, grid
 
     @torch.no_grad()
-    def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
-        if self.memory_bank.shape[0] == 0:
-            raise RuntimeError("the patchcore detector is not fitted: call fit() or load a trained state first")
+    def _score(self, batch: Tensor, *, with_maps: bool) -> Scores:
         maps_by_level = self._backbone_maps(batch)
         image, grid = self._patch_scores(self._patch_features(maps_by_level), self.memory_bank)
         if self.config.global_weight > 0:
