@@ -74,7 +74,7 @@ def detector_class(name: str) -> type[Detector]:
     from adqueue.detectors.base import Detector
 
     module = _module(name, "model")
-    return _defined_in(module, lambda cls: issubclass(cls, Detector), "Detector subclass")  # type: ignore[return-value]
+    return _defined_in(module, lambda cls: issubclass(cls, Detector), "Detector subclass")
 
 
 def create_saved(name: str, saved: Mapping[str, Any]) -> Detector:

@@ -83,7 +83,8 @@ def test_an_unfitted_detector_refuses_to_score(name: str) -> None:
 def test_settings_load_and_check_without_torch(name: str) -> None:
     code = (f"import sys; from adqueue.detectors import registry; spec = registry.config_spec({name!r}); "
             "spec.build({}); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

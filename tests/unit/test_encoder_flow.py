@@ -112,8 +112,8 @@ def test_separates_and_localizes_square_defects(fitted, data) -> None:
     assert image_auroc(labels, scores.image.numpy()) > 0.9
     assert set(scores.extra) == {"reconstruction_l1"}
     maps, masks = scores.maps[12:].numpy(), data["masks"]
-    inside = np.array([m[mask].mean() for m, mask in zip(maps, masks)])
-    outside = np.array([m[~mask].mean() for m, mask in zip(maps, masks)])
+    inside = np.array([m[mask].mean() for m, mask in zip(maps, masks, strict=True)])
+    outside = np.array([m[~mask].mean() for m, mask in zip(maps, masks, strict=True)])
     assert (inside > outside).mean() >= 0.8
     assert pixel_auroc(maps, masks) > 0.65  # 0.5 for a map blind to the defect
 
@@ -124,8 +124,8 @@ def test_reconstruction_map_option_highlights_the_defect(fitted, data) -> None:
     fresh.load_state_dict(detector.state_dict())
     scores = fresh.score(_batch(data["defective"]))
     masks = data["masks"]
-    inside = np.array([m[mask].mean() for m, mask in zip(scores.maps.numpy(), masks)])
-    outside = np.array([m[~mask].mean() for m, mask in zip(scores.maps.numpy(), masks)])
+    inside = np.array([m[mask].mean() for m, mask in zip(scores.maps.numpy(), masks, strict=True)])
+    outside = np.array([m[~mask].mean() for m, mask in zip(scores.maps.numpy(), masks, strict=True)])
     assert (inside > outside).all()
     assert torch.equal(scores.image, detector.score(_batch(data["defective"]), with_maps=False).image)
 

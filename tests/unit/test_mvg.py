@@ -53,7 +53,7 @@ def test_opca_keeps_fewer_components_than_all(fitted) -> None:
     detector, _ = fitted
     kept = [g.kept for g in detector.image_gaussians]
     dims = detector.backbone.channels(detector.config.levels)
-    assert all(0 < k < d for k, d in zip(kept, dims))
+    assert all(0 < k < d for k, d in zip(kept, dims, strict=True))
 
 
 def test_settings_are_validated() -> None:

@@ -11,6 +11,7 @@ weights cannot be found raises BackboneUnavailable. There is no silent random in
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -130,7 +131,7 @@ def _lite(name: str) -> FeatureExtractor:
     ]
     bounds = [*stage_starts, len(blocks)]
     stages: list[nn.Module] = [nn.Sequential(model._conv_stem, model._bn0, model._swish)]
-    stages += [nn.Sequential(*blocks[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    stages += [nn.Sequential(*blocks[a:b]) for a, b in itertools.pairwise(bounds)]
     stages.append(nn.Sequential(model._conv_head, model._bn1, model._swish))
     return FeatureExtractor(name, stages, LITE_MEAN, LITE_STD, weights)
 
@@ -209,7 +210,7 @@ def load_backbone(name: str) -> FeatureExtractor:
 
 def _load_state(path: Path) -> dict[str, Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneUnavailable(f"cannot load weights from {path}: {exc}") from exc
 

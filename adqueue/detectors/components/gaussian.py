@@ -117,7 +117,7 @@ class LevelGaussians(nn.ModuleList):
             self[index] = GaussianScorer.fit(features, variance_fraction)
         return self
 
-    def forward(self, per_level: Sequence[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(self, per_level: Sequence[Tensor]) -> Tensor:
         """Summed Mahalanobis distances of `per_level[i]` [..., D_i] -> [...]."""
         return sum((scorer(features) for scorer, features in zip(self, per_level, strict=True)),
                    torch.zeros((), dtype=per_level[0].dtype, device=per_level[0].device))

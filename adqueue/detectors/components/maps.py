@@ -22,7 +22,7 @@ def upsample_maps(maps: Sequence[Tensor], size: Sequence[int]) -> Tensor:
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device | None = None) -> Tensor:
-    radius = max(1, int(math.ceil(4.0 * sigma)))
+    radius = max(1, math.ceil(4.0 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()

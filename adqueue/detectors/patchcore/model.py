@@ -52,6 +52,8 @@ class PatchCoreDetector(Detector):
     # A nearest-neighbour bank needs no statistics to be estimated: it works from a few shots
     # (paper Sec. 4.4.2), so the base minimum of 2 stands.
     min_fit_images = 2
+    memory_bank: Tensor  # a buffer, [rows, D]: empty until fitted or loaded
+    score_norm: Tensor  # a buffer: mean and spread of both score terms (global_weight > 0)
 
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
