@@ -18,29 +18,19 @@ from sqlalchemy.orm import Session
 from adqueue.core.failpoints import failpoint
 from adqueue.jobs.context import Context
 from adqueue.jobs.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
-from adqueue.runners.lease import LeasedRun, Outcome
+from adqueue.runners.lease import JobRun, Outcome
 from adqueue.store.models import Job, JobStatus, Model, Result, Shard, ShardStatus
-from adqueue.store.transitions import ClaimedJob, claim_finish, end_job_run, finish_with_metrics
+from adqueue.store.transitions import ClaimedJob, claim_finish, finish_with_metrics
 
 log = logging.getLogger(__name__)
 
 
-class FinishRun(LeasedRun[ClaimedJob]):
-    def __init__(self, ctx: Context, job_id: int, *, worker: str) -> None:
-        super().__init__(ctx)
-        self.job_id = job_id
-        self.worker = worker
-
+class FinishRun(JobRun):
     def claim(self, session: Session) -> ClaimedJob | None:
         return claim_finish(session, self.job_id, self.worker, lease_until=lease_until(self.ctx))
 
     def give_up_reason(self, held: ClaimedJob) -> str:
         return f"finishing gave up after {held.attempts - 1} attempt(s): the worker was lost each time"
-
-    def give_up(self, held: ClaimedJob, error: str) -> Outcome:
-        with self.ctx.store.session() as session:
-            end_job_run(session, held, status=JobStatus.FAILED, error=error)
-        return Outcome.FAILED
 
     def work(self, held: ClaimedJob) -> Outcome:
         ctx, job_id = self.ctx, self.job_id
@@ -67,9 +57,7 @@ class FinishRun(LeasedRun[ClaimedJob]):
 
     def failed(self, held: ClaimedJob, exc: Exception) -> Outcome:
         log.error("metrics for job %s failed:\n%s", self.job_id, traceback.format_exc())
-        with self.ctx.store.session() as session:
-            end_job_run(session, held, status=JobStatus.FAILED, error=f"metrics failed: {exc}")
-        return Outcome.FAILED
+        return self.fail_job(held, f"metrics failed: {exc}")
 
 
 def run_finish(ctx: Context, job_id: int, *, worker: str) -> Outcome:

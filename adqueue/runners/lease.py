@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 
 from adqueue.jobs.context import Context
 from adqueue.jobs.leases import DB_RETRY_S, LeaseLost
+from adqueue.store.models import JobStatus
+from adqueue.store.transitions import ClaimedJob, end_job_run
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,20 @@ class LeasedRun(ABC, Generic[H]):
         if outcome is Outcome.DONE:
             self.completed(held)
         return outcome
+
+
+class JobRun(LeasedRun[ClaimedJob]):
+    """A job-level run (a training, a finishing): giving up on it, or its failure, ends the job."""
+
+    def __init__(self, ctx: Context, job_id: int, *, worker: str) -> None:
+        super().__init__(ctx)
+        self.job_id = job_id
+        self.worker = worker
+
+    def give_up(self, held: ClaimedJob, error: str) -> Outcome:
+        return self.fail_job(held, error)
+
+    def fail_job(self, held: ClaimedJob, error: str) -> Outcome:
+        with self.ctx.store.session() as session:
+            end_job_run(session, held, status=JobStatus.FAILED, error=error)
+        return Outcome.FAILED

@@ -26,7 +26,7 @@ from adqueue.jobs.train_settings import split_train_settings
 from adqueue.pipeline.model_files import save_detector
 from adqueue.pipeline.self_check import DATASET, METRIC
 from adqueue.pipeline.train import Trained, fit_and_calibrate, load_training_images, new_detector, training_items
-from adqueue.runners.lease import LeasedRun, Outcome
+from adqueue.runners.lease import JobRun, Outcome
 from adqueue.store.models import Job, JobStatus, Metric, Model
 from adqueue.store.queries import next_version
 from adqueue.store.transitions import ClaimedJob, claim_train, end_job_run, renew_job_lease
@@ -34,11 +34,9 @@ from adqueue.store.transitions import ClaimedJob, claim_train, end_job_run, rene
 log = logging.getLogger(__name__)
 
 
-class TrainRun(LeasedRun[ClaimedJob]):
+class TrainRun(JobRun):
     def __init__(self, ctx: Context, job_id: int, *, worker: str, device: Any, display: Progress | None) -> None:
-        super().__init__(ctx)
-        self.job_id = job_id
-        self.worker = worker
+        super().__init__(ctx, job_id, worker=worker)
         self.device = device
         self.display = display
 
@@ -47,11 +45,6 @@ class TrainRun(LeasedRun[ClaimedJob]):
 
     def give_up_reason(self, held: ClaimedJob) -> str:
         return f"gave up after {held.attempts - 1} attempt(s): the worker training it was lost each time"
-
-    def give_up(self, held: ClaimedJob, error: str) -> Outcome:
-        with self.ctx.store.session() as session:
-            end_job_run(session, held, status=JobStatus.FAILED, error=error)
-        return Outcome.FAILED
 
     def work(self, held: ClaimedJob) -> Outcome:
         ctx = self.ctx
@@ -77,9 +70,7 @@ class TrainRun(LeasedRun[ClaimedJob]):
     def failed(self, held: ClaimedJob, exc: Exception) -> Outcome:
         if not isinstance(exc, (AdqueueError, ValueError)):
             log.error("train job %s failed:\n%s", self.job_id, traceback.format_exc())
-        with self.ctx.store.session() as session:
-            end_job_run(session, held, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-        return Outcome.FAILED
+        return self.fail_job(held, f"{type(exc).__name__}: {exc}")
 
 
 def run_train_job(ctx: Context, job_id: int, *, worker: str, device: Any, display: Progress | None = None) -> Outcome:
