@@ -142,7 +142,7 @@ def main() -> None:
         print_tables(saved)
         return
     sources = {name: DATASETS[name] for name in args.datasets.split(",") if name}
-    sources.update(dict(entry.split("=", 1) for entry in args.source))  # type: ignore[misc]
+    sources.update(dict(entry.split("=", 1) for entry in args.source))
     missing = [str(path) for path in sources.values() if not Path(path).exists()]
     if missing:
         raise SystemExit(f"missing dataset(s): {', '.join(missing)} (../shared/datasets sits beside the repo)")

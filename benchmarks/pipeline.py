@@ -53,7 +53,7 @@ def bench_decoding(items: list[Item]) -> list[tuple[str, float]]:
     detector.fit(TensorImages(stack_pixels(list(load_stream(items[:40], prep)))))
     detector.score(torch.zeros(3, 3, 224, 224))  # warm up kernels
 
-    def run(stream) -> float:  # type: ignore[no-untyped-def]
+    def run(stream) -> float:
         started = time.perf_counter()
         for batch in batched(stream, 32):
             detector.score(to_float(stack_pixels(batch)), with_maps=False)

@@ -114,7 +114,7 @@ class Detector(nn.Module, ABC):
         result = self._fit(images, progress or NullProgress())
         self._fitted = True
         return FitReport(
-            n_images=len(images),  # type: ignore[arg-type]
+            n_images=dataset_size(images),
             seconds=time.perf_counter() - started,
             losses=result.losses,
             info=result.info,
@@ -187,13 +187,13 @@ class Detector(nn.Module, ABC):
     def _missing_trained(self, missing: list[str]) -> list[str]:
         return [key for key in missing if not key.startswith(self.frozen_prefixes)]
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.fitted_state_key:
             destination[prefix + self.fitted_state_key] = torch.tensor(self._fitted, device=self.device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if not self.fitted_state_key:
@@ -209,3 +209,8 @@ class Detector(nn.Module, ABC):
         if state_dict[key].shape != torch.Size([]):
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {state_dict[key].shape} from "
                               "checkpoint, the shape in current model is torch.Size([]).")
+
+
+def dataset_size(images: Dataset[Tensor]) -> int:
+    """How many images a fit gets: every dataset adqueue builds has a length."""
+    return len(images)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__

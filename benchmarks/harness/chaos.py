@@ -134,7 +134,7 @@ class ChaosDeployment:
 
     def adqueue(self, *args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "adqueue", *args], env=env or self.env, cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
     def submit_score(self, dump: Path, shard_size: int) -> int:
         """Submitted from this process, through the job code the CLI calls: it returns the moment
@@ -161,15 +161,15 @@ class ChaosDeployment:
         done = run_cli(["evaluate", "--model", "chaos", "--data", str(root), "--shard-size", str(shard_size)], self.env)
         return int(done.stdout.split()[0])
 
-    def query(self, statement: Callable) -> object:  # type: ignore[type-arg]
+    def query(self, statement: Callable) -> object:
         with self.ctx.store.session() as session:
             return statement(session)
 
     def job(self, job_id: int) -> Job:
-        return self.query(lambda s: s.get_one(Job, job_id, populate_existing=True))  # type: ignore[return-value]
+        return self.query(lambda s: s.get_one(Job, job_id, populate_existing=True))
 
     def shard_counts(self, job_id: int) -> dict[str, int]:
-        return dict(self.query(lambda s: s.execute(  # type: ignore[arg-type]
+        return dict(self.query(lambda s: s.execute(
             select(Shard.status, func.count()).where(Shard.job_id == job_id).group_by(Shard.status)).all()))
 
     def wait_shards(self, job_id: int, what: Callable[[dict[str, int]], bool], timeout: float = 120) -> None:
@@ -189,9 +189,9 @@ class ChaosDeployment:
     def worker_holding(self, job_id: int) -> Worker:
         """A worker process running one of the job's shards right now."""
         def holder() -> Worker | None:
-            names = self.query(lambda s: s.scalars(select(Shard.worker).where(  # type: ignore[arg-type]
+            names = self.query(lambda s: s.scalars(select(Shard.worker).where(
                 Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)).all())
-            pids = {int(str(name).rsplit(":", 1)[1]) for name in names}  # type: ignore[union-attr]
+            pids = {int(str(name).rsplit(":", 1)[1]) for name in names}
             return next((w for w in self.live_workers() if w.process.pid in pids), None)
 
         return wait_until(holder, 60, f"a worker running a shard of job {job_id}", interval=0.02)
@@ -199,7 +199,7 @@ class ChaosDeployment:
     def busy_seconds(self, job_id: int, since: datetime) -> float:
         """The busiest worker's time spent running this job's shards that started after `since`:
         the scoring itself, which no recovery can save when all of a job's work comes after a fault."""
-        def runs(session) -> list:  # type: ignore[no-untyped-def]
+        def runs(session) -> list:
             return session.execute(select(Run.worker, Run.started_at, Run.ended_at).where(
                 Run.job_id == job_id, Run.kind == RunKind.SHARD, Run.ended_at.is_not(None))).all()
 
@@ -207,14 +207,14 @@ class ChaosDeployment:
             return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
         busy: dict[str, float] = {}
-        for worker, started, ended in self.query(runs):  # type: ignore[union-attr]
+        for worker, started, ended in self.query(runs):
             if utc(started) >= since:
                 busy[worker] = busy.get(worker, 0.0) + (utc(ended) - utc(started)).total_seconds()
         return max(busy.values(), default=0.0)
 
     def outcome(self, scenario: str, job_id: int, files: int, fault_at: float, ended_at: float, *,
                 healer_from: float | None = None, work_s: float = 0.0, note: str = "") -> Outcome:
-        def count(session) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+        def count(session) -> tuple[int, int, int]:
             rows, distinct = session.execute(select(func.count(), func.count(Result.path.distinct()))
                                              .where(Result.job_id == job_id)).one()
             twice = session.scalar(select(func.count()).select_from(
@@ -225,7 +225,7 @@ class ChaosDeployment:
                                      .where(Result.job_id == job_id, Result.run_id != Shard.run_id))
             return rows, distinct, twice + foreign
 
-        rows, distinct, doubles = self.query(count)  # type: ignore[misc]
+        rows, distinct, doubles = self.query(count)
         start = max(fault_at, healer_from or fault_at)
         return Outcome(scenario, self.database, self.job(job_id).status, files, rows, distinct, doubles,
                        round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note)
@@ -292,7 +292,7 @@ def shard_outlives_visibility_timeout(d: ChaosDeployment, dump_source: Path) -> 
     job, files = d.score_until(dump_source, 1000, 10_000, lambda c: c.get("running", 0) == 1)
     started = time.monotonic()
     ended = d.wait_end(job)
-    (shard_id,) = d.query(lambda s: s.scalars(select(Shard.id).where(Shard.job_id == job)).all())  # type: ignore[misc]
+    (shard_id,) = d.query(lambda s: s.scalars(select(Shard.id).where(Shard.job_id == job)).all())
     deliveries = sum(w.log.read_text(errors="replace").count(f"shard {shard_id}: ") for w in d.workers)
     attempts = d.query(lambda s: s.get_one(Shard, shard_id).attempts)
     outcome = d.outcome("a shard outlives the visibility timeout 3x", job, files, started, ended,
@@ -338,9 +338,9 @@ def kill_during_metrics(d: ChaosDeployment, textures: Path) -> Outcome:
     from adqueue.store.models import Metric
 
     metric_names = d.query(lambda s: s.scalars(select(Metric.name).where(Metric.job_id == job)).all())
-    duplicated = len(metric_names) - len(set(metric_names))  # type: ignore[arg-type]
+    duplicated = len(metric_names) - len(set(metric_names))
     outcome = d.outcome("worker killed while computing evaluate metrics", job, files, fault, ended,
-                        healer_from=ready, note=f"{len(names)} finishing runs, {len(metric_names)} metrics "  # type: ignore[arg-type]
+                        healer_from=ready, note=f"{len(names)} finishing runs, {len(metric_names)} metrics "
                                                 f"({duplicated} duplicated)")
     outcome.double_completions += duplicated
     return outcome
@@ -355,11 +355,11 @@ def submission_killed_half_way(d: ChaosDeployment, dump_source: Path) -> Outcome
     fault, fault_utc = time.monotonic(), datetime.now(UTC)
     assert submitter.returncode == -signal.SIGKILL, submitter.returncode
     job = d.query(lambda s: s.scalar(select(func.max(Job.id))))
-    written = sum(d.shard_counts(job).values())  # type: ignore[arg-type]
-    ended = d.wait_end(job)  # type: ignore[arg-type]
+    written = sum(d.shard_counts(job).values())
+    ended = d.wait_end(job)
     # Every file is scored after the fault: the bound is on the recovery, beyond that scoring.
-    work = d.busy_seconds(job, fault_utc)  # type: ignore[arg-type]
-    return d.outcome("submission killed after half its shards", job, files, fault, ended,  # type: ignore[arg-type]
+    work = d.busy_seconds(job, fault_utc)
+    return d.outcome("submission killed after half its shards", job, files, fault, ended,
                      work_s=work, note=f"{written} of {-(-files // 2)} shards written (none sent) when it died; "
                      f"{work:.1f} s of scoring after it")
 

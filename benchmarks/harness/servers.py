@@ -42,7 +42,7 @@ def missing(what: str) -> None:
     pytest.skip(message)
 
 
-def wait_until(check, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+def wait_until(check, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:

@@ -41,7 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[dict]
     if not CHROMIUM.exists():
         missing("chromium (/usr/bin/chromium)")
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401 - only whether it imports
     except ImportError:
         message = "playwright is not installed: pip install -e '.[dev]' (it drives /usr/bin/chromium; no browser download)"
         pytest.fail(message) if os.environ.get("ADQUEUE_REQUIRE_SERVERS") == "1" else pytest.skip(message)

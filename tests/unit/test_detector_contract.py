@@ -67,7 +67,7 @@ def _same_scores(a: Detector, b: Detector, batch: torch.Tensor) -> None:
         x, y = a.score(batch, with_maps=with_maps), b.score(batch, with_maps=with_maps)
         assert torch.equal(x.image, y.image)
         assert (x.maps is None) == (y.maps is None) == (not with_maps)
-        assert x.maps is None or torch.equal(x.maps, y.maps)  # type: ignore[arg-type]
+        assert x.maps is None or torch.equal(x.maps, y.maps)
         assert x.extra.keys() == y.extra.keys() and all(torch.equal(x.extra[k], y.extra[k]) for k in x.extra)
 
 

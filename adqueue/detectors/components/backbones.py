@@ -27,7 +27,7 @@ from adqueue.core.errors import BackboneUnavailable
 from adqueue.core.hashing import file_sha256
 
 # The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
-from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401
+from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401 - re-exported for the detectors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,7 +165,7 @@ def _torchvision(name: str) -> FeatureExtractor:
 
 
 def _torchvision_weights_file(name: str, weights_enum: object) -> Path:
-    url: str = weights_enum.url  # type: ignore[attr-defined]
+    url: str = weights_enum.url  # type: ignore[attr-defined]  # a torchvision WeightsEnum member
     filename = url.rsplit("/", 1)[-1]
     candidates = []
     if os.environ.get("ADQUEUE_WEIGHTS_DIR"):

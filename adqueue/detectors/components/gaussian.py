@@ -9,8 +9,8 @@ is small next to the feature dimension.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import cast
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class GaussianScorer(nn.Module):
         self.register_buffer("basis", torch.zeros(dim, kept, dtype=torch.float64))
         self.register_buffer("precision", torch.zeros(kept, kept, dtype=torch.float64))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The kept dimension is only known after fitting: take the shapes from the saved state.
         for name in self._BUFFERS:
             saved = state_dict.get(prefix + name)

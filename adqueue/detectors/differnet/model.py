@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adqueue.core.progress import Progress
-from adqueue.detectors.base import Detector, FitResult, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.augment import (
     Transforms,
     evenly_spread_transforms,
@@ -99,7 +99,7 @@ class DifferNetDetector(Detector):
         """Pooled features of `train_transforms` random transforms of every image: [N * K, D]."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
-        count = len(images) * cfg.train_transforms  # type: ignore[arg-type]
+        count = dataset_size(images) * cfg.train_transforms
         cache = torch.empty(count, self.features.dim)
         progress.phase("extracting features", count)
         row = 0

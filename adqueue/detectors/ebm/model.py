@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from adqueue.core.progress import NullProgress, Progress
-from adqueue.detectors.base import Detector, FitResult, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.gradient_maps import (
     RunningMoments,
     channel_norm,
@@ -129,7 +129,7 @@ class EBMDetector(Detector):
 
     def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
-        n_images = len(images)  # type: ignore[arg-type]
+        n_images = dataset_size(images)
         self._check_batch(images[0][None])
         generator = torch.Generator().manual_seed(cfg.seed)  # batch order and replay picks
         # Image noise is drawn where the chains run (a GPU would otherwise wait on the CPU); its own
@@ -172,7 +172,7 @@ class EBMDetector(Detector):
     ) -> None:
         """Per-pixel, per-channel mean and std of the gradient maps of `images` ([C, S, S] each)."""
         progress = progress or NullProgress()
-        n_images = len(images)  # type: ignore[arg-type]
+        n_images = len(images) if isinstance(images, Tensor) else dataset_size(images)
         if n_images < 2:
             raise ValueError("need at least two training images for gradient statistics")
         moments = RunningMoments()

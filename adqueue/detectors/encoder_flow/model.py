@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from adqueue.core.progress import Progress
-from adqueue.detectors.base import Detector, FitResult, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.flows import CouplingFlow, FlowSpec, FlowTraining, fit_flow
 from adqueue.detectors.components.gradient_maps import channel_norm, input_gradient
 from adqueue.detectors.components.maps import gaussian_blur
@@ -120,7 +120,7 @@ class EncoderFlowDetector(Detector):
 
     def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
-        pixels = self._prepare(torch.stack([images[i] for i in range(len(images))]))  # type: ignore[arg-type]
+        pixels = self._prepare(torch.stack([images[i] for i in range(dataset_size(images))]))
         ae_losses = self._fit_autoencoder(pixels, progress)
         latents = self._latents(pixels, progress)
         training = FlowTraining(epochs=cfg.flow_epochs, batch_size=cfg.flow_batch_size, lr=cfg.flow_lr,

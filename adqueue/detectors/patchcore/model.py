@@ -25,6 +25,9 @@ score alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,7 +69,7 @@ class PatchCoreDetector(Detector):
             # images. Unfitted Gaussians (too few training images) leave the whole-image term out.
             self.register_buffer("score_norm", torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The bank's row count is only known after fitting: take its shape from the saved state.
         saved = state_dict.get(prefix + "memory_bank")
         if saved is not None:
