@@ -71,6 +71,10 @@ def stored_params(data_dir: Path, name: str) -> dict:
     ("fpr=-0.1", "fpr must be in [0, 1), not -0.1"),
     ("seed=-3", "seed must be 0 or a positive integer, not -3"),
     ("max_images=ten", "training setting max_images must be an integer, not 'ten'"),
+    ("fpr=nan", "fpr must be in [0, 1), not nan"),
+    ("map_sigma=nan", "map_sigma must be in [0, 128] (input pixels, at most image_size), not nan"),
+    ("map_sigma=inf", "map_sigma must be in [0, 128] (input pixels, at most image_size), not inf"),
+    ("map_sigma=-1", "map_sigma must be in [0, 128] (input pixels, at most image_size), not -1.0"),
 ])
 def test_bad_training_settings_are_refused_before_a_job_exists(data_dir: Path, textures, setting: str,
                                                                message: str) -> None:
@@ -79,6 +83,8 @@ def test_bad_training_settings_are_refused_before_a_job_exists(data_dir: Path, t
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"Error: {message}"  # one line, and only that
     assert invoke(data_dir, "jobs", "--format", "json").stdout == before  # nothing was queued
+    count = invoke(data_dir, "sql", "SELECT count(*) AS n FROM jobs WHERE params LIKE '%refused%'", "--format", "json")
+    assert json.loads(count.stdout) == [{"n": 0}]
 
 
 def test_min_images_setting_defaults_to_the_detectors_own() -> None:
