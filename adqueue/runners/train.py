@@ -60,7 +60,7 @@ class TrainRun(JobRun):
         with ctx.store.session() as session:
             if not renew_job_lease(session, held, lease_until(ctx), n_failed=images.unreadable):
                 raise LeaseLost(f"train job {held.job_id} lost its lease while loading images")
-        trained = fit_and_calibrate(detector, images, train_settings, progress, source=source, job_id=held.job_id)
+        trained = fit_and_calibrate(detector, images, train_settings, progress, job_id=held.job_id)
         register(ctx, held, params, trained, train_settings)
         return Outcome.DONE
 
@@ -68,9 +68,12 @@ class TrainRun(JobRun):
         log.warning("train job %s: %s; nothing was registered", self.job_id, exc)
 
     def failed(self, held: ClaimedJob, exc: Exception) -> Outcome:
-        if not isinstance(exc, (AdqueueError, ValueError)):
-            log.error("train job %s failed:\n%s", self.job_id, traceback.format_exc())
-        return self.fail_job(held, f"{type(exc).__name__}: {exc}")
+        # The job's error is read by people (adqueue jobs, the web page): plain words, no class names.
+        if isinstance(exc, (AdqueueError, ValueError)):
+            return self.fail_job(held, str(exc))
+        log.error("train job %s failed:\n%s", self.job_id, traceback.format_exc())
+        return self.fail_job(held, f"training failed unexpectedly: {exc or type(exc).__name__}; "
+                                   "the log has the traceback")
 
 
 def run_train_job(ctx: Context, job_id: int, *, worker: str, device: Any, display: Progress | None = None) -> Outcome:

@@ -96,9 +96,10 @@ def test_min_images_setting_defaults_to_the_detectors_own() -> None:
 def test_too_few_fit_images_fail_with_a_hint_and_min_images_overrides(data_dir: Path, textures) -> None:
     # 10 images: 2 held out to calibrate, 8 to fit, half of what mvg needs
     failed = train(data_dir, textures[0], "few", *FAST_MVG, "--set", "max_images=10", ok=False)
-    hint = "mvg needs at least 16 defect-free images to fit, got 8; --set min_images=8 to train anyway"
+    hint = ("mvg needs at least 16 defect-free images to fit, got 8; 2 more files are held out to calibrate the "
+            "threshold; --set min_images=8 to train anyway")
     assert failed.exit_code == 1 and hint in flat(failed.stderr)
-    assert job_error(data_dir, failed) == f"AdqueueError: {hint}"
+    assert job_error(data_dir, failed) == hint
     assert not any(model.startswith("few:") for model in models(data_dir))
 
     forced = train(data_dir, textures[0], "few", *FAST_MVG, "--set", "max_images=10", "--set", "min_images=8")
@@ -117,8 +118,26 @@ def test_unreadable_images_do_not_count_toward_the_minimum(data_dir: Path, textu
     # 20 files, all fitted (no hold-out): enough on paper, but only 15 can be read
     failed = train(data_dir, folder, "broken", *FAST_MVG, "--set", "calib_fraction=0", ok=False)
     assert failed.exit_code == 1
-    assert job_error(data_dir, failed) == ("AdqueueError: mvg needs at least 16 defect-free images to fit, got 15 "
-                                           "(5 unreadable skipped); --set min_images=15 to train anyway")
+    assert job_error(data_dir, failed) == ("mvg needs at least 16 defect-free images to fit: 15 of the 20 files are "
+                                           "readable images (5 are not images or unreadable); --set min_images=15 "
+                                           "to train anyway")
+
+
+def test_the_minimum_counts_readable_images_not_files(data_dir: Path, textures, tmp_path: Path) -> None:
+    """2 images among 7 files: the message says 2 images, and its hint (min_images=2) trains."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted((textures[0] / "train" / "good").glob("*.png"))[:2]:
+        shutil.copy(path, folder / path.name)
+    for index in range(5):
+        (folder / f"notes{index}.txt").write_text("shift log\n")
+    failed = train(data_dir, folder, "mixed", *FAST_MVG, "--set", "calib_fraction=0", ok=False)
+    message = ("mvg needs at least 16 defect-free images to fit: 2 of the 7 files are readable images (5 are not "
+               "images or unreadable); --set min_images=2 to train anyway")
+    assert failed.exit_code == 1 and f"failed: {message}" in flat(failed.stderr)
+    assert job_error(data_dir, failed) == message  # plain words: no exception class in front
+    hinted = train(data_dir, folder, "mixed", *FAST_MVG, "--set", "calib_fraction=0", "--set", "min_images=2")
+    assert "trained model mixed:1" in flat(hinted.stderr)
 
 
 def stored_threshold(data_dir: Path, name: str) -> float:
@@ -160,7 +179,7 @@ def test_non_finite_calibration_scores_register_nothing(data_dir: Path, textures
     failed = train(data_dir, textures[0], "diverged", *TINY_FLOW, "--set", "flow_lr=1e6", ok=False)
     assert failed.exit_code == 1
     error = job_error(data_dir, failed)
-    assert error.startswith("AdqueueError: the model's scores on the 5 calibration images are not finite (")
+    assert error.startswith("the model's scores on the 5 calibration images are not finite (")
     assert error.endswith(" of 5): nothing was registered")
     assert not any(model.startswith("diverged:") for model in models(data_dir))
     with pytest.raises(AdqueueError, match=r"not finite \(2 of 4\)"):
