@@ -109,9 +109,9 @@ def load_training_images(detector: Detector, items: list[Item], train_settings: 
 
 
 def fit_and_calibrate(detector: Detector, images: TrainingImages, train_settings: dict[str, Any], progress: Progress,
-                      *, job_id: int) -> Trained:
+                      ) -> Trained:
     """Fit on `images.fit`, calibrate on `images.calib` (on the fitting images when there are none),
-    run the self-check; the warnings are logged and kept."""
+    run the self-check; the warnings are kept with the model (the runner logs them)."""
     fit_pixels, calib_pixels = images.fit, images.calib
     started = time.perf_counter()
     detector.train()
@@ -123,8 +123,6 @@ def fit_and_calibrate(detector: Detector, images: TrainingImages, train_settings
     check = run_self_check(detector, calib_on, calibration.raw_scores, progress, seed=train_settings["seed"],
                            in_sample=calibration.in_sample)
     warnings = calibration_warnings(calibration, train_settings["calib_fraction"]) + check.warnings()
-    for warning in warnings:
-        log.warning("train job %s: %s", job_id, warning)
     extra = {
         "threshold": calibration.threshold,
         "map_range": list(calibration.map_range),

@@ -1,6 +1,7 @@
 """The CLI on the embedded default (no broker): the whole job flow in this process, plus errors."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from adqueue.cli import cli
-from benchmarks.harness.cli import FAST_MVG
+from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
 from tests.helpers.cli import invoke_cli
 
 
@@ -155,3 +156,20 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run() -> None:
             raise_if_signalled()
         assert raised.value.signum == signal.SIGTERM
     raise_if_signalled()  # outside, a past signal no longer counts
+
+
+def test_the_demo_says_what_training_concluded(tmp_path: Path) -> None:
+    """`make demo` in a fresh process: training's outcome (the model, its self-check, its warning)
+    is printed once, after training, with no raw log line; the heat-map line says what it prints."""
+    data = tmp_path / "data"
+    done = run_cli(["demo", "--normal", "20", "--dump", "4"], cli_env(ADQUEUE_DATA_DIR=str(data),
+                                                                    ADQUEUE_BROKER_URL=""))
+    stderr = " ".join(done.stderr.split())
+    assert "trained model demo-bricks:1 (job 1)" in stderr
+    assert stderr.count("calibrated on only 4 held-out images") == 1
+    assert "warning: the threshold is calibrated on only 4 held-out images" in stderr
+    assert re.search(r"synthetic_auroc\s+│ [01]\.\d+", done.stdout), done.stdout
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|WARNING", done.stderr, re.MULTILINE), done.stderr
+    heatmaps = data / "heatmaps" / "job2"
+    assert f"heat maps: {heatmaps} (heatmap_path above is relative to the data dir, {data})" in stderr
+    assert any(heatmaps.glob("*.png"))

@@ -2,6 +2,7 @@
 images or a broken threshold fail the job with one line, a shaky threshold registers with warnings."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from adqueue.pipeline.calibrate import (
     check_scores_finite,
     check_threshold,
 )
-from benchmarks.harness.cli import FAST_MVG
+from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
 from tests.helpers.cli import invoke_cli
 
 # encoder_flow at its smallest: trains in about a second, and its threshold rule extrapolates.
@@ -157,6 +158,22 @@ def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: 
     assert models(data_dir)["bricks:1"]["warnings"] == [FEW_CALIB]
     table = invoke(data_dir, "models").stdout
     assert "warnings" in table and "rough guess" in flat(table)
+
+
+def test_a_terminal_shows_each_warning_once_after_the_bars_and_no_raw_log_line(textures, tmp_path: Path) -> None:
+    """In a fresh process, as a user runs it: training's warning was logged across the progress bars
+    (timestamped) and then printed again; it is printed once, after training, and the one log line
+    training writes here (a file it skips) comes through the console as "warning: ..."."""
+    folder = tmp_path / "good"
+    shutil.copytree(textures[0] / "train" / "good", folder)
+    (folder / "notes.txt").write_text("not an image\n")
+    env = cli_env(ADQUEUE_DATA_DIR=str(tmp_path / "data"), ADQUEUE_BROKER_URL="")
+    done = run_cli(["train", "--data", str(folder), "--name", "once", *FAST_MVG], env)
+    stderr = flat(done.stderr)
+    assert stderr.count("calibrated on only") == 1
+    assert stderr.index("trained model once:1") < stderr.index("warning: the threshold is calibrated on only")
+    assert f"warning: skipping unreadable training image {folder / 'notes.txt'}: not an image" in stderr
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|WARNING", done.stderr, re.MULTILINE), done.stderr
 
 
 def test_calibrating_on_the_training_images_warns(data_dir: Path, textures) -> None:
