@@ -3,6 +3,13 @@
 Sources are enumerated lazily (generators, one directory listing at a time) so a dump of millions
 of files never sits in memory as one list. Paths come out absolute so a worker on another host
 with the same mount sees the same file.
+
+A plain folder may hold masks beside its images (MTD's MT_Free/Imgs: 952 JPEGs and their 952 PNG
+masks). Those are no images to learn "normal" from, nor to score, so they are left out, and
+counted (`LeftOut`) for the verb to say so: `<image stem>_mask.<ext>`, and a PNG with the stem of
+an image in another format (masks are PNGs nearly everywhere; a shot kept as both JPEG and PNG is
+still scored once, as the JPEG). Nothing else is guessed: a file without an image of its stem
+beside it is an item like any other.
 """
 
 from __future__ import annotations
@@ -20,6 +27,22 @@ from adqueue.data.paths import to_os, to_text
 
 SPLITS = ("train", "test")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+# What the image beside a mask may be stored as: the formats adqueue decodes (data/io.py).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pbm", ".pgm",
+                              ".ppm", ".pnm", ".jp2", ".j2k"})
+
+
+@dataclass
+class LeftOut:
+    """What an enumeration left out, counted as it goes: masks beside their images."""
+
+    masks: int = 0
+
+    def describe(self, purpose: str) -> str:
+        """'952 masks beside their images left out of training (...)'."""
+        beside = "masks beside their images" if self.masks != 1 else "mask beside its image"
+        return (f"{self.masks} {beside} left out of {purpose} (<image>_mask.*, or a PNG named like an image "
+                "in another format)")
 
 
 @dataclass(frozen=True)
@@ -48,20 +71,21 @@ class Source:
     labeled: bool
     allowed_roots: tuple[Path, ...] = ()  # where a manifest may point besides its own folder
 
-    def items(self) -> Iterator[Item]:
+    def items(self, left_out: LeftOut | None = None) -> Iterator[Item]:
+        """Every item, in a fixed order; a plain folder's masks beside images are counted in `left_out`."""
         if self.kind == "folder":
-            return _folder_items(self.root)
+            return _folder_items(self.root, left_out or LeftOut())
         if self.kind == "mvtec":
             return _mvtec_items(self.root, self.split)
         return _manifest_items(self.root, self.split, self.allowed_roots)
 
     def items_after(self, written: int, last_path: str | None, keep: Callable[[Item], bool] | None = None,
-                    ) -> Iterator[Item]:
+                    left_out: LeftOut | None = None) -> Iterator[Item]:
         """The items (those `keep` accepts) a second enumeration gives after the first `written`,
         the last of which was `last_path`: for continuing an interrupted submission. A folder is
         matched by position in its walk order, so files added or removed meanwhile are handled; a
         manifest or MVTec root must list the same items as before."""
-        items = self.items() if keep is None else filter(keep, self.items())
+        items = self.items(left_out) if keep is None else filter(keep, self.items(left_out))
         if not written or last_path is None:
             return items
         if self.kind == "folder":
@@ -114,14 +138,37 @@ def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) 
     return items
 
 
-def _folder_items(root: Path) -> Iterator[Item]:
+def _folder_items(root: Path, left_out: LeftOut) -> Iterator[Item]:
     # Every non-hidden entry that is not a folder is an item: a file that is not an image (or a
     # FIFO, a socket, a broken link) must come back as a result row with an error, not vanish.
+    # Masks beside their images are the one exception (module docstring).
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
+        names = sorted(name for name in files if not name.startswith("."))
+        masks = masks_beside_images(names)
+        left_out.masks += len(masks)
+        for name in names:
+            if name not in masks:
                 yield Item(to_text(os.path.join(directory, name)))
+
+
+def masks_beside_images(names: list[str]) -> set[str]:
+    """The names in one folder's listing that are masks of an image beside them."""
+    formats: dict[str, set[str]] = {}  # stem -> the image extensions it exists in
+    for name in names:
+        stem, extension = os.path.splitext(name)
+        if extension.lower() in IMAGE_EXTENSIONS:
+            formats.setdefault(stem, set()).add(extension.lower())
+    masks = set()
+    for name in names:
+        stem, extension = os.path.splitext(name)
+        extension = extension.lower()
+        if extension not in MASK_EXTENSIONS:
+            continue
+        if (stem.endswith("_mask") and stem[: -len("_mask")] in formats) or (
+                extension == ".png" and formats.get(stem, set()) - {".png"}):
+            masks.add(name)
+    return masks
 
 
 def _mvtec_items(root: Path, split: str | None) -> Iterator[Item]:

@@ -17,7 +17,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -27,7 +27,7 @@ from adqueue.core.clock import utcnow
 from adqueue.core.errors import AdqueueError, SourceError
 from adqueue.core.failpoints import failpoint
 from adqueue.data.paths import to_os, to_text
-from adqueue.data.sources import Item, Source, open_source
+from adqueue.data.sources import Item, LeftOut, Source, open_source
 from adqueue.detectors import registry
 from adqueue.jobs.context import Context
 from adqueue.jobs.finishing import after_shard_closed
@@ -61,10 +61,11 @@ class Submitted:
     n_total: int
     n_shards: int
     model_id: int | None = None
+    left_out: LeftOut = field(default_factory=LeftOut)  # what the submission's enumeration left out
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "kind": self.kind, "status": self.status, "n_total": self.n_total,
-                "n_shards": self.n_shards, "model_id": self.model_id}
+                "n_shards": self.n_shards, "model_id": self.model_id, "n_masks_left_out": self.left_out.masks}
 
 
 def submit_train(
@@ -78,8 +79,10 @@ def submit_train(
     source = open_source(data, split=split or None, allowed_roots=roots)
     if source.labeled and split is None:
         source = open_source(data, split="train", allowed_roots=roots)
-    first = next((item for item in source.items() if item.label in (None, 0)), None)
-    if first is None:
+    # The whole listing, not just its first image: the masks it leaves out are counted for the user.
+    left_out = LeftOut()
+    normal = sum(1 for item in source.items(left_out) if item.label in (None, 0))
+    if not normal:
         raise SourceError(f"{source.describe()} has no defect-free images to train on")
     params = {"detector": detector, "settings": settings, "name": name, "split": source.split}
     with ctx.store.session() as session:
@@ -88,7 +91,7 @@ def submit_train(
     with submission_guard(ctx, job_id):
         dispatcher.enqueue_train(job_id)
     dispatcher.after_submit(job_id)
-    return describe_job(ctx, job_id, n_shards=0)
+    return replace(describe_job(ctx, job_id, n_shards=0), left_out=left_out)
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
@@ -142,14 +145,17 @@ def _submit_sharded(
         held = create_job(session, kind=kind, source=to_text(str(source.root)), params=params, model_id=model.id,
                           queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
         model_id = model.id
-    n_shards = continue_submission(ctx, dispatcher, held)
+    left_out = LeftOut()
+    n_shards = continue_submission(ctx, dispatcher, held, left_out=left_out)
     dispatcher.after_submit(held.job_id)
-    return describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id)
+    return replace(describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id), left_out=left_out)
 
 
-def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) -> int:
+def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, *,
+                        left_out: LeftOut | None = None) -> int:
     """Write the job's shards from wherever its submission stopped (the start, for a new job),
-    then queue the job. Returns the number of shards written by this call."""
+    then queue the job. Returns the number of shards written by this call; `left_out` counts what
+    the enumeration left out (masks beside images)."""
     with ctx.store.session() as session:
         job = session.get_one(Job, held.job_id)
         source_spec, kind, params, model_id = job.source, job.kind, dict(job.params), job.model_id
@@ -157,7 +163,7 @@ def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) 
     with submission_guard(ctx, held.job_id):
         source = open_source(to_os(source_spec), split=params.get("split"), allowed_roots=ctx.settings.allowed_roots)
         keep = _labeled if kind == JobKind.EVALUATE else None
-        items = source.items_after(n_items, last_path, keep)
+        items = source.items_after(n_items, last_path, keep, left_out)
         skip = SkipScored(ctx, model_id) if params.get("skip_scored") and model_id is not None else None
         if skip is not None:
             items = skip(items)

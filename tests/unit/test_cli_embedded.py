@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -70,6 +71,27 @@ def test_evaluate_prints_and_stores_metrics(data_dir: Path, trained: dict, textu
     stored = json.loads(invoke(data_dir, "sql", "SELECT name, value FROM metrics WHERE job_id = "
                                f"{out['job_id']} AND name = 'image_auroc'", "--format", "json").stdout)
     assert stored == [{"name": "image_auroc", "value": pytest.approx(out["image_auroc"])}]
+
+
+def test_masks_beside_images_are_left_out_of_training_and_scoring(data_dir: Path, trained: dict, textures,
+                                                                  tmp_path: Path) -> None:
+    folder = tmp_path / "with_masks"
+    folder.mkdir()
+    masks = sorted((textures[0] / "ground_truth").rglob("*_mask.png"))
+    for index, image in enumerate(sorted((textures[0] / "train" / "good").glob("*.png"))):
+        shutil.copy(image, folder / image.name)
+        shutil.copy(masks[index % len(masks)], folder / f"{image.stem}_mask.png")
+    out = invoke(data_dir, "train", "--data", str(folder), "--name", "masked", *FAST_MVG)
+    assert "24 masks beside their images left out of training" in " ".join(out.stderr.split())
+    job = json.loads(invoke(data_dir, "jobs", out.stdout.splitlines()[0], "--format", "json").stdout)
+    assert job["status"] == "done" and job["n_total"] == 24  # the 24 images, none of their masks
+
+    scored = json.loads(invoke(data_dir, "score", "--model", "bricks:1", str(folder), "--format", "json").stdout)
+    assert scored["n_total"] == 24 and scored["n_masks_left_out"] == 24
+    rows = json.loads(invoke(data_dir, "results", str(scored["job_id"]), "--format", "json").stdout)
+    assert len(rows) == 24 and not any(row["path"].endswith("_mask.png") for row in rows)
+    table = invoke(data_dir, "score", "--model", "bricks:1", str(folder))
+    assert "24 masks beside their images left out of scoring" in " ".join(table.stderr.split())
 
 
 @pytest.mark.parametrize("statement", [
