@@ -71,9 +71,14 @@ def cli(ctx: click.Context, database_url: str | None, broker_url: str | None, da
                            "data_dir": data_dir, "queue": queue}}
 
 
-def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+def settings_from(ctx: click.Context, *, existing: bool = False, **overrides: Any) -> Settings:
+    """The settings of this invocation. `existing`: for a verb that only reads or steers jobs, which
+    refuses a data dir that does not exist instead of creating it (Settings.require_data_dir)."""
     options = {**ctx.find_root().obj["options"], **{k: v for k, v in overrides.items() if v is not None}}
-    return Settings.load(**options)
+    settings = Settings.load(**options)
+    if existing:
+        settings.require_data_dir()
+    return settings
 
 
 from adqueue.cli import admin, control, inspect, serve, submit  # noqa: E402,F401 - registers the verbs

@@ -48,8 +48,9 @@ def _parse_settings(pairs: tuple[str, ...], backbone: str | None) -> dict[str, s
     return settings
 
 
-def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, Submitted]:
-    settings = settings_from(ctx, device=device)
+def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any, *, existing: bool = False,
+                        ) -> tuple[Context, Submitted]:
+    settings = settings_from(ctx, device=device, existing=existing)
     context = Context(settings)
     bars: list[Any] = []
 

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -195,3 +197,33 @@ def test_the_demo_says_what_training_concluded(tmp_path: Path) -> None:
     heatmaps = data / "heatmaps" / "job2"
     assert f"heat maps: {heatmaps} (heatmap_path above is relative to the data dir, {data})" in stderr
     assert any(heatmaps.glob("*.png"))
+
+
+MISSING = ("no adqueue data dir at {}: run from the folder that holds it, or pass --data-dir DIR (ADQUEUE_DATA_DIR) "
+           "or --db URL (ADQUEUE_DATABASE_URL); only the verbs that write (train, score, evaluate, demo, db upgrade, "
+           "worker) create one")
+
+
+@pytest.mark.parametrize("args", [["jobs"], ["jobs", "1"], ["results", "1"], ["models"], ["sql", "SELECT 1"],
+                                  ["reconcile"], ["cancel", "1"], ["resume", "1"]])
+def test_verbs_that_read_refuse_a_data_dir_that_does_not_exist(tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "adqueue-data"
+    result = invoke_cli(missing, *args, ok=False)
+    assert result.exit_code == 1 and result.stderr == f"Error: {MISSING.format(missing)}\n"
+    assert not missing.exists()
+
+
+def test_run_from_another_folder_a_verb_says_where_it_looked(tmp_path: Path) -> None:
+    """`cd /tmp && adqueue jobs` (a cron line run from /) listed an empty table from a new ./adqueue-data."""
+    env = cli_env()
+    for args in (["jobs"], ["serve", "--port", "1"]):
+        done = subprocess.run([sys.executable, "-m", "adqueue", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 1 and " ".join(done.stderr.split()) == f"Error: {MISSING.format(tmp_path / 'adqueue-data')}"
+    assert list(tmp_path.iterdir()) == []
+    # what writes creates it; a database named elsewhere needs no data dir to be read
+    invoke_cli(tmp_path / "new", "db", "upgrade")
+    assert (tmp_path / "new" / "adqueue.db").is_file()
+    elsewhere = f"sqlite:///{tmp_path / 'new' / 'adqueue.db'}"
+    listed = invoke_cli(tmp_path / "absent", "--db", elsewhere, "jobs", "--format", "json")
+    assert json.loads(listed.stdout) == [] and not (tmp_path / "absent").exists()
