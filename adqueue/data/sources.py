@@ -115,11 +115,17 @@ def open_source(spec: str | Path, *, split: str | None = None, allowed_roots: tu
         source = Source("manifest", path, split, labeled=True, allowed_roots=allowed_roots)
         _check_manifest(source)
         return source
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if not is_plain_folder(path):
         return Source("mvtec", path, split, labeled=True)
     if split is not None:
         raise SourceError(f"{to_text(str(spec))} is a plain folder: --split needs an MVTec root or a manifest CSV")
     return Source("folder", path, None, labeled=False)
+
+
+def is_plain_folder(spec: str | Path) -> bool:
+    """A folder that is not an MVTec-style root (train/ and test/ in it): images without labels."""
+    path = Path(spec).expanduser()
+    return path.is_dir() and not ((path / "train").is_dir() and (path / "test").is_dir())
 
 
 def walk_order(root: Path, path: str) -> tuple[tuple[int, str], ...]:

@@ -27,7 +27,7 @@ from adqueue.core.clock import utcnow
 from adqueue.core.errors import AdqueueError, SourceError
 from adqueue.core.failpoints import failpoint
 from adqueue.data.paths import to_os, to_text
-from adqueue.data.sources import Item, LeftOut, Source, open_source
+from adqueue.data.sources import Item, LeftOut, Source, is_plain_folder, open_source
 from adqueue.detectors import registry
 from adqueue.jobs.context import Context
 from adqueue.jobs.finishing import after_shard_closed
@@ -36,7 +36,7 @@ from adqueue.jobs.interrupts import interruptions_marked
 from adqueue.jobs.leases import DB_RETRY_S, LeaseLost, lease_until
 from adqueue.jobs.ports import Dispatcher
 from adqueue.jobs.score_settings import HEATMAP_MODES
-from adqueue.jobs.train_settings import split_train_settings
+from adqueue.jobs.train_settings import TRAIN_KEYS, split_train_settings
 from adqueue.store.models import Job, JobKind
 from adqueue.store.queries import resolve_model, submission_progress
 from adqueue.store.transitions import (
@@ -99,6 +99,11 @@ def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None
     try:
         spec = registry.config_spec(detector)
         _, detector_settings = split_train_settings(settings)
+        own = sorted(spec.setting_names - TRAIN_KEYS.keys())  # its seed is the training's
+        unknown = sorted(set(detector_settings) - set(own))
+        if unknown:
+            raise AdqueueError(f"unknown setting(s) {', '.join(unknown)}; {detector} settings: {', '.join(own)}; "
+                               f"training settings (any detector): {', '.join(TRAIN_KEYS)}")
         spec.build(detector_settings)
     except (ValueError, TypeError) as exc:
         raise AdqueueError(str(exc)) from None
@@ -117,12 +122,12 @@ def submit_evaluate(
     ctx: Context, dispatcher: Dispatcher, *, model: str, data: str, split: str | None = "test",
     shard_size: int = 256, heatmaps: str = "flagged",
 ) -> Submitted:
-    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
-    if not source.labeled:
+    if is_plain_folder(data):  # before the split is looked at: a plain folder has none, nor labels
         raise SourceError(
             f"{data} is a plain folder without labels: evaluate needs an MVTec-style root "
             "(train/good, test/<defect>, ground_truth/<defect>) or a manifest CSV"
         )
+    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
     return _submit_sharded(ctx, dispatcher, JobKind.EVALUATE, model, source,
                            shard_size=shard_size, heatmaps=heatmaps)
 

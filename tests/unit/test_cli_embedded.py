@@ -124,12 +124,26 @@ def test_sql_is_read_only(data_dir: Path, trained: dict, statement: str) -> None
     (["resume", "1"], "job 1 is done: nothing to resume"),
     (["cancel", "1"], "job 1 is done already: nothing to cancel"),
     (["--db", "mysql://x/y", "jobs"], "unsupported database URL"),
+    (["results", "1"], "job 1 is a train job: it has no per-image results; its outcome is in `adqueue jobs 1` "
+                       "(status, counts, synthetic AUROC) and `adqueue models`"),
+    (["train", "--data", ".", "--name", "x", "--set", "nosuchkey=1"],
+     "unknown setting(s) nosuchkey; mvg settings: backbone, batch_size, image_size, levels, local_samples, "
+     "map_levels, map_sigma, map_variance, variance; training settings (any detector): fpr, calib_fraction, seed, "
+     "max_images, min_images"),
 ])
 def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: list[str], message: str) -> None:
     result = invoke(data_dir, *args, ok=False)
     assert result.exit_code != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_on_a_plain_folder_says_it_has_no_labels(data_dir: Path, trained: dict, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    result = invoke(data_dir, "evaluate", "--model", "bricks", "--data", str(tmp_path), ok=False)
+    assert result.exit_code == 1 and "--split" not in result.stderr  # nobody gave one
+    assert result.stderr == (f"Error: {tmp_path} is a plain folder without labels: evaluate needs an MVTec-style "
+                             "root (train/good, test/<defect>, ground_truth/<defect>) or a manifest CSV\n")
 
 
 def test_every_verb_has_help() -> None:
