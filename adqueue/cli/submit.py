@@ -98,8 +98,8 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
     summary: dict[str, Any]
     if fmt != "json":
         click.echo(submitted.job_id)  # first, so a script has it even if the wait gives up
-    if submitted.left_out.masks:
-        info(submitted.left_out.describe("training" if submitted.kind == "train" else "scoring"))
+    if submitted.masks is not None and submitted.masks.count:
+        info(submitted.masks.describe())
     if context.settings.embedded or not wait:
         with context.store.session() as session:
             summary = job_summary(session, submitted.job_id)

@@ -5,11 +5,10 @@ of files never sits in memory as one list. Paths come out absolute so a worker o
 with the same mount sees the same file.
 
 A plain folder may hold masks beside its images (MTD's MT_Free/Imgs: 952 JPEGs and their 952 PNG
-masks). Those are no images to learn "normal" from, nor to score, so they are left out, and
-counted (`LeftOut`) for the verb to say so: `<image stem>_mask.<ext>`, and a PNG with the stem of
-an image in another format (masks are PNGs nearly everywhere; a shot kept as both JPEG and PNG is
-still scored once, as the JPEG). Nothing else is guessed: a file without an image of its stem
-beside it is an item like any other.
+masks): `<image stem>_mask.<ext>`, and a PNG with the stem of an image in another format (masks
+are PNGs nearly everywhere). A walk given a `Masks` counts them, and leaves them out for training,
+where a mask learnt as "normal" spoils the model unseen. Scoring keeps them: a name is only a
+guess, and a night's dump gives every file its row (a.jpg and a.png may well be two shots).
 """
 
 from __future__ import annotations
@@ -32,17 +31,24 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
                               ".ppm", ".pnm", ".jp2", ".j2k"})
 
 
+_MASK_NAMES = "<image>_mask.*, or a PNG named like an image in another format"
+
+
 @dataclass
-class LeftOut:
-    """What an enumeration left out, counted as it goes: masks beside their images."""
+class Masks:
+    """Masks beside their images that a plain folder's walk met: counted as it goes, and left out
+    of the items when `leave_out` (training)."""
 
-    masks: int = 0
+    leave_out: bool
+    count: int = 0
 
-    def describe(self, purpose: str) -> str:
-        """'952 masks beside their images left out of training (...)'."""
-        beside = "masks beside their images" if self.masks != 1 else "mask beside its image"
-        return (f"{self.masks} {beside} left out of {purpose} (<image>_mask.*, or a PNG named like an image "
-                "in another format)")
+    def describe(self) -> str:
+        if self.leave_out:
+            beside = "masks beside their images" if self.count != 1 else "mask beside its image"
+            return f"{self.count} {beside} left out of training ({_MASK_NAMES})"
+        files = "files look like masks" if self.count != 1 else "file looks like a mask"
+        return (f"{self.count} {files} beside images ({_MASK_NAMES}): scored like every file (an MVTec root or a "
+                "manifest tells masks apart)")
 
 
 @dataclass(frozen=True)
@@ -71,21 +77,22 @@ class Source:
     labeled: bool
     allowed_roots: tuple[Path, ...] = ()  # where a manifest may point besides its own folder
 
-    def items(self, left_out: LeftOut | None = None) -> Iterator[Item]:
-        """Every item, in a fixed order; a plain folder's masks beside images are counted in `left_out`."""
+    def items(self, masks: Masks | None = None) -> Iterator[Item]:
+        """Every item, in a fixed order; a plain folder's masks beside images are counted in `masks`
+        (and left out if it says so)."""
         if self.kind == "folder":
-            return _folder_items(self.root, left_out or LeftOut())
+            return _folder_items(self.root, masks)
         if self.kind == "mvtec":
             return _mvtec_items(self.root, self.split)
         return _manifest_items(self.root, self.split, self.allowed_roots)
 
     def items_after(self, written: int, last_path: str | None, keep: Callable[[Item], bool] | None = None,
-                    left_out: LeftOut | None = None) -> Iterator[Item]:
+                    masks: Masks | None = None) -> Iterator[Item]:
         """The items (those `keep` accepts) a second enumeration gives after the first `written`,
         the last of which was `last_path`: for continuing an interrupted submission. A folder is
         matched by position in its walk order, so files added or removed meanwhile are handled; a
         manifest or MVTec root must list the same items as before."""
-        items = self.items(left_out) if keep is None else filter(keep, self.items(left_out))
+        items = self.items(masks) if keep is None else filter(keep, self.items(masks))
         if not written or last_path is None:
             return items
         if self.kind == "folder":
@@ -144,17 +151,18 @@ def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) 
     return items
 
 
-def _folder_items(root: Path, left_out: LeftOut) -> Iterator[Item]:
+def _folder_items(root: Path, masks: Masks | None) -> Iterator[Item]:
     # Every non-hidden entry that is not a folder is an item: a file that is not an image (or a
     # FIFO, a socket, a broken link) must come back as a result row with an error, not vanish.
-    # Masks beside their images are the one exception (module docstring).
+    # Masks beside their images, for training, are the one exception (module docstring).
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         names = sorted(name for name in files if not name.startswith("."))
-        masks = masks_beside_images(names)
-        left_out.masks += len(masks)
+        found = masks_beside_images(names) if masks is not None else set()
+        if masks is not None:
+            masks.count += len(found)
         for name in names:
-            if name not in masks:
+            if not (masks is not None and masks.leave_out and name in found):
                 yield Item(to_text(os.path.join(directory, name)))
 
 

@@ -17,7 +17,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -27,7 +27,7 @@ from adqueue.core.clock import utcnow
 from adqueue.core.errors import AdqueueError, SourceError
 from adqueue.core.failpoints import failpoint
 from adqueue.data.paths import to_os, to_text
-from adqueue.data.sources import Item, LeftOut, Source, is_plain_folder, open_source
+from adqueue.data.sources import Item, Masks, Source, is_plain_folder, open_source
 from adqueue.detectors import registry
 from adqueue.jobs.context import Context
 from adqueue.jobs.finishing import after_shard_closed
@@ -61,11 +61,13 @@ class Submitted:
     n_total: int
     n_shards: int
     model_id: int | None = None
-    left_out: LeftOut = field(default_factory=LeftOut)  # what the submission's enumeration left out
+    # Masks beside images that the submission's walk of a plain folder met (left out of training).
+    masks: Masks | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "kind": self.kind, "status": self.status, "n_total": self.n_total,
-                "n_shards": self.n_shards, "model_id": self.model_id, "n_masks_left_out": self.left_out.masks}
+                "n_shards": self.n_shards, "model_id": self.model_id,
+                "n_masks_beside_images": self.masks.count if self.masks else 0}
 
 
 def submit_train(
@@ -80,8 +82,8 @@ def submit_train(
     if source.labeled and split is None:
         source = open_source(data, split="train", allowed_roots=roots)
     # The whole listing, not just its first image: the masks it leaves out are counted for the user.
-    left_out = LeftOut()
-    normal = sum(1 for item in source.items(left_out) if item.label in (None, 0))
+    masks = Masks(leave_out=True)
+    normal = sum(1 for item in source.items(masks) if item.label in (None, 0))
     if not normal:
         raise SourceError(f"{source.describe()} has no defect-free images to train on")
     params = {"detector": detector, "settings": settings, "name": name, "split": source.split}
@@ -91,7 +93,7 @@ def submit_train(
     with submission_guard(ctx, job_id):
         dispatcher.enqueue_train(job_id)
     dispatcher.after_submit(job_id)
-    return replace(describe_job(ctx, job_id, n_shards=0), left_out=left_out)
+    return replace(describe_job(ctx, job_id, n_shards=0), masks=masks)
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
@@ -150,17 +152,17 @@ def _submit_sharded(
         held = create_job(session, kind=kind, source=to_text(str(source.root)), params=params, model_id=model.id,
                           queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
         model_id = model.id
-    left_out = LeftOut()
-    n_shards = continue_submission(ctx, dispatcher, held, left_out=left_out)
+    masks = Masks(leave_out=False)
+    n_shards = continue_submission(ctx, dispatcher, held, masks=masks)
     dispatcher.after_submit(held.job_id)
-    return replace(describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id), left_out=left_out)
+    return replace(describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id), masks=masks)
 
 
 def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, *,
-                        left_out: LeftOut | None = None) -> int:
+                        masks: Masks | None = None) -> int:
     """Write the job's shards from wherever its submission stopped (the start, for a new job),
-    then queue the job. Returns the number of shards written by this call; `left_out` counts what
-    the enumeration left out (masks beside images)."""
+    then queue the job. Returns the number of shards written by this call; `masks` counts the
+    masks beside images that the walk met (a score job scores them, like every file)."""
     with ctx.store.session() as session:
         job = session.get_one(Job, held.job_id)
         source_spec, kind, params, model_id = job.source, job.kind, dict(job.params), job.model_id
@@ -168,7 +170,7 @@ def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, 
     with submission_guard(ctx, held.job_id):
         source = open_source(to_os(source_spec), split=params.get("split"), allowed_roots=ctx.settings.allowed_roots)
         keep = _labeled if kind == JobKind.EVALUATE else None
-        items = source.items_after(n_items, last_path, keep, left_out)
+        items = source.items_after(n_items, last_path, keep, masks)
         skip = SkipScored(ctx, model_id) if params.get("skip_scored") and model_id is not None else None
         if skip is not None:
             items = skip(items)

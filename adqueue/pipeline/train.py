@@ -28,7 +28,7 @@ from torch import Tensor
 from adqueue.core.errors import AdqueueError
 from adqueue.core.progress import Progress
 from adqueue.data.loader import load_stream
-from adqueue.data.sources import Item, LeftOut, open_source
+from adqueue.data.sources import Item, Masks, open_source
 from adqueue.detectors import registry
 from adqueue.detectors.base import Detector
 from adqueue.pipeline.calibrate import calibrate, calibration_warnings
@@ -77,10 +77,10 @@ def new_detector(name: str, settings: dict[str, Any], seed: int, device: Any) ->
 
 def training_items(spec: str, split: str | None, max_images: int, allowed_roots: tuple[Path, ...]) -> list[Item]:
     source = open_source(spec, split=split, allowed_roots=allowed_roots)
-    left_out = LeftOut()
-    items = [item for item in source.items(left_out) if item.label in (None, 0)]
-    if left_out.masks:
-        log.info("%s: %s", source.describe(), left_out.describe("training"))
+    masks = Masks(leave_out=True)
+    items = [item for item in source.items(masks) if item.label in (None, 0)]
+    if masks.count:
+        log.info("%s: %s", source.describe(), masks.describe())
     if max_images:
         items = items[:max_images]
     if len(items) < 2:

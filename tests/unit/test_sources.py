@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adqueue.core.errors import SourceError
-from adqueue.data.sources import Item, LeftOut, open_source
+from adqueue.data.sources import Item, Masks, open_source
 from tests.helpers.datasets import datasets_or_skip
 
 
@@ -29,7 +29,7 @@ def test_folder_is_recursive_sorted_and_keeps_non_images(tmp_path: Path) -> None
     assert all(Path(item.path).is_absolute() and item.label is None for item in source.items())
 
 
-def test_masks_beside_their_images_are_left_out_and_counted(tmp_path: Path) -> None:
+def test_masks_beside_their_images_are_counted_and_left_out_for_training(tmp_path: Path) -> None:
     for name in ("a.jpg", "a.png",  # MTD: a JPEG and its PNG mask
                  "b.png", "b_mask.png",  # MVTec's naming, in one folder
                  "c.bmp", "c.png", "c_mask.bmp",  # one image, two masks
@@ -38,25 +38,29 @@ def test_masks_beside_their_images_are_left_out_and_counted(tmp_path: Path) -> N
                  "f.tif", "f.txt",  # a text file is no image to be a mask of, nor a mask
                  "sub/g.jpeg", "sub/g.png", "sub/h.png", "notes.txt"):
         _touch(tmp_path / name)
-    left_out = LeftOut()
-    names = [Path(item.path).relative_to(tmp_path).as_posix() for item in open_source(tmp_path).items(left_out)]
+    masks = Masks(leave_out=True)
+    names = [Path(item.path).relative_to(tmp_path).as_posix() for item in open_source(tmp_path).items(masks)]
     assert names == ["a.jpg", "b.png", "c.bmp", "d_mask.png", "e.PNG", "e.png", "f.tif", "f.txt", "notes.txt",
                      "sub/g.jpeg", "sub/h.png"]
-    assert left_out.masks == 5
-    assert left_out.describe("training").startswith("5 masks beside their images left out of training (")
-    again = LeftOut()  # a submission continued after its 4th item
-    assert len(list(open_source(tmp_path).items_after(4, str(tmp_path / "d_mask.png"), left_out=again))) == 7
-    assert again.masks == 5
+    assert masks.count == 5
+    assert masks.describe().startswith("5 masks beside their images left out of training (")
+    # scoring keeps every file, and counts them for its note; without a Masks nothing is looked at
+    kept = Masks(leave_out=False)
+    assert len(list(open_source(tmp_path).items(kept))) == 16 == len(list(open_source(tmp_path).items()))
+    assert kept.count == 5 and kept.describe().startswith("5 files look like masks beside images (")
+    again = Masks(leave_out=True)  # a training submission's walk continued after its 4th item
+    assert len(list(open_source(tmp_path).items_after(4, str(tmp_path / "d_mask.png"), masks=again))) == 7
+    assert again.count == 5
 
 
 def test_mtd_free_images_without_their_masks() -> None:
     """MT_Free/Imgs as a plain folder: 952 JPEGs and their 952 PNG masks; only the JPEGs are items."""
     folder = datasets_or_skip("mtd") / "MT_Free" / "Imgs"
-    left_out = LeftOut()
-    items = list(open_source(folder).items(left_out))
+    masks = Masks(leave_out=True)
+    items = list(open_source(folder).items(masks))
     assert len(items) == 952 and all(item.path.endswith(".jpg") for item in items)
-    assert left_out.masks == 952
-    assert left_out.describe("training").startswith("952 masks beside their images left out of training")
+    assert masks.count == 952
+    assert masks.describe().startswith("952 masks beside their images left out of training")
 
 
 def test_folder_enumeration_is_lazy(tmp_path: Path) -> None:
