@@ -7,13 +7,12 @@ sql) or admin.py (worker, db, demo).
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any
 
 import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from adqueue.cli.output import log_to_terminal
 from adqueue.core.config import Settings
 from adqueue.core.errors import AdqueueError, Interrupted, JobStalled
 
@@ -67,15 +66,19 @@ def cli(ctx: click.Context, database_url: str | None, broker_url: str | None, da
         queue: str | None, verbose: bool) -> None:
     """Visual anomaly detection as a batch service: train on defect-free images, score dumps
     through Redis/Celery workers (or in this process), query results with SQL."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_terminal(verbose)
     ctx.obj = {"options": {"database_url": database_url, "broker_url": broker_url,
                            "data_dir": data_dir, "queue": queue}}
 
 
-def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+def settings_from(ctx: click.Context, *, existing: bool = False, **overrides: Any) -> Settings:
+    """The settings of this invocation. `existing`: for a verb that only reads or steers jobs, which
+    refuses a data dir that does not exist instead of creating it (Settings.require_data_dir)."""
     options = {**ctx.find_root().obj["options"], **{k: v for k, v in overrides.items() if v is not None}}
-    return Settings.load(**options)
+    settings = Settings.load(**options)
+    if existing:
+        settings.require_data_dir()
+    return settings
 
 
 from adqueue.cli import admin, control, inspect, serve, submit  # noqa: E402,F401 - registers the verbs

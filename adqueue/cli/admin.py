@@ -7,7 +7,7 @@ import os
 import click
 
 from adqueue.cli import cli, settings_from
-from adqueue.cli.output import info
+from adqueue.cli.output import info, log_everything
 from adqueue.core.errors import ConfigError
 from adqueue.jobs.context import Context
 from adqueue.store.migrate import head_revision, upgrade
@@ -30,6 +30,7 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
     if settings.embedded:
         raise ConfigError("a worker needs a broker: pass --broker redis://HOST:6379/0 or set ADQUEUE_BROKER_URL")
     Context(settings).store  # noqa: B018 - fail now, clearly, if the database is unreachable
+    log_everything()  # a worker's log is the record of its jobs: training's warnings included
     # Children (prefork) and the lazily built runtime read the same settings from the environment.
     os.environ.update(settings.export_env())
     os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)

@@ -25,7 +25,7 @@ def cancel(ctx: click.Context, job_id: int) -> None:
     runs the rest later."""
     from adqueue.jobs.control import cancel_job
 
-    cancel_job(Context(settings_from(ctx)), job_id)
+    cancel_job(Context(settings_from(ctx, existing=True)), job_id)
     info(f"job {job_id} cancelled; `adqueue resume {job_id}` runs what is left")
 
 
@@ -48,7 +48,7 @@ def resume(ctx: click.Context, job_id: int, device: str | None, wait: bool, fmt:
         resume_job(context, dispatcher, job_id)
         return describe_job(context, job_id)
 
-    context, submitted = run_with_dispatcher(ctx, device, resume_and_describe)
+    context, submitted = run_with_dispatcher(ctx, device, resume_and_describe, existing=True)
     report_job(context, submitted, fmt, wait)
 
 
@@ -62,7 +62,7 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
     can and marks jobs whose process died for `adqueue resume`."""
     from adqueue.jobs.reconcile import reconcile as reconcile_pass
 
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, existing=True)
     context = Context(settings)
     dispatchers: dict[str | None, Dispatcher] = {}
     if settings.embedded:  # an evaluation whose process died after its last shard finishes here (torch-free)

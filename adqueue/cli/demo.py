@@ -15,11 +15,13 @@ from PIL import Image, ImageDraw
 from adqueue.cli.dispatch import make_dispatcher
 from adqueue.cli.output import emit_object, emit_rows, info
 from adqueue.cli.progress import ScoreBar, TrainBar, wait_for_job
+from adqueue.cli.submit import describe_outcome, outcome_metrics
 from adqueue.core.config import Settings
 from adqueue.core.datadir import atomic_write_bytes
+from adqueue.core.errors import AdqueueError
 from adqueue.jobs.context import Context
 from adqueue.jobs.submit import submit_evaluate, submit_score, submit_train
-from adqueue.store.queries import job_metrics
+from adqueue.store.queries import job_metrics, job_summary
 from adqueue.store.read_only_sql import run_read_only
 
 CROP = 192
@@ -99,7 +101,13 @@ def run_demo(settings: Settings, *, n_normal: int, n_dump: int) -> None:
     ctx = Context(settings)
     mvtec, dump = build_dataset(ctx.data_dir.root / "demo", n_normal=n_normal, n_dump=n_dump)
     info(f"demo data: {mvtec} (training/evaluation), {dump} (a dump to score)")
-    dispatcher = make_dispatcher(ctx, train_progress=TrainBar, score_progress=ScoreBar)
+    train_bars: list[TrainBar] = []
+
+    def train_bar() -> TrainBar:
+        train_bars.append(TrainBar())
+        return train_bars[-1]
+
+    dispatcher = make_dispatcher(ctx, train_progress=train_bar, score_progress=ScoreBar)
 
     def follow(job_id: int) -> None:
         if not settings.embedded:
@@ -107,6 +115,13 @@ def run_demo(settings: Settings, *, n_normal: int, n_dump: int) -> None:
 
     trained = submit_train(ctx, dispatcher, detector="mvg", data=str(mvtec), name="demo-bricks", settings={})
     follow(trained.job_id)
+    for bar in train_bars:
+        bar.stop()
+    with ctx.store.session() as session:
+        summary = job_summary(session, trained.job_id)
+    describe_outcome(ctx, summary, outcome_metrics(ctx, summary), "table")  # the model, its self-check, warnings
+    if summary["status"] != "done":
+        raise AdqueueError(f"the demo's training (job {trained.job_id}) {summary['status']}: {summary['error']}")
     scored = submit_score(ctx, dispatcher, model="demo-bricks", data=str(dump))
     follow(scored.job_id)
     evaluated = submit_evaluate(ctx, dispatcher, model="demo-bricks", data=str(mvtec), heatmaps="none")
@@ -126,6 +141,7 @@ def run_demo(settings: Settings, *, n_normal: int, n_dump: int) -> None:
               f"{scored.job_id} AND error IS NOT NULL ORDER BY path")
     columns, rows = run_read_only(settings.database_url, errors)
     emit_rows([dict(zip(columns, row, strict=True)) for row in rows], columns, "table")
-    info(f"\nheat maps (paths relative to {ctx.data_dir.root}): {ctx.data_dir.root / 'heatmaps' / f'job{scored.job_id}'}")
+    info(f"\nheat maps: {ctx.data_dir.root / 'heatmaps' / f'job{scored.job_id}'} (heatmap_path above is relative "
+         f"to the data dir, {ctx.data_dir.root})")
     info(f"next: adqueue results {scored.job_id} --anomalous   |   adqueue jobs   |   adqueue models")
     info(f"\nstart `adqueue serve` and open http://127.0.0.1:8080/jobs/{scored.job_id}")

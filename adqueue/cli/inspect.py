@@ -12,7 +12,7 @@ from adqueue.store import queries
 
 
 def _context(ctx: click.Context) -> Context:
-    return Context(settings_from(ctx))
+    return Context(settings_from(ctx, existing=True))
 
 
 @cli.command()
@@ -92,7 +92,8 @@ Examples:
 @click.pass_context
 def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: float | None, fmt: str) -> None:
     """Run one read-only SQL statement (SELECT, WITH ... SELECT, EXPLAIN, VALUES, SHOW, TABLE) on the
-    results database. Tables: models, jobs, shards, results, metrics (see README).
+    results database. Tables: models, jobs, shards, runs, results, metrics, reviews (README, "The
+    SQL schema", lists their columns).
 
     Writes are refused twice: the statement is checked with a SQL tokenizer (one statement; no
     INSERT/UPDATE/DELETE, also not inside WITH), and the connection is read-only (a read-only
@@ -108,7 +109,8 @@ def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: flo
     url = settings.sql_database_url
     # A separate reader's URL is never used to migrate (a reader may not): only the main one is.
     if url is None:
-        _context(ctx).store  # noqa: B018 - make sure the schema exists before the first query
+        settings.require_data_dir()
+        Context(settings).store  # noqa: B018 - make sure the schema exists before the first query
         url = settings.database_url
     elif not url.startswith(("sqlite", "postgresql", "postgres://")):
         raise AdqueueError(f"unsupported ADQUEUE_SQL_DATABASE_URL {url!r}: "

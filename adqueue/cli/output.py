@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -15,6 +16,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from adqueue.core.logs import is_outcome
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -83,3 +86,49 @@ def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> N
 
 def info(message: str) -> None:
     stderr_console().print(message)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ConsoleLog(logging.Handler):
+    """Log records on the terminal through the console the progress bars draw on, so that a line
+    prints above the bars rather than across them: "warning: ..." (with -v, timestamped and named).
+    Records that repeat a job's outcome (core/logs.py) are left out: the verb prints the outcome
+    from SQL once the job has ended."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _Plain())
+        self.addFilter(lambda record: not is_outcome(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from rich.text import Text
+
+            stderr_console().print(Text(self.format(record)))
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
+class _Plain(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def log_to_terminal(verbose: bool) -> None:
+    """The CLI's logging: ConsoleLog on the root logger, replacing one an earlier call installed."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleLog)]:
+        root.removeHandler(handler)
+    root.addHandler(ConsoleLog(verbose))
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def log_everything() -> None:
+    """A worker's logging: every record, outcomes included, timestamped on stderr (Celery keeps
+    the root logger's handler: worker_hijack_root_logger is off)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleLog)]:
+        root.removeHandler(handler)
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr, level=root.level)

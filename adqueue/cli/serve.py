@@ -48,7 +48,7 @@ def serve(ctx: click.Context, host: str, port: int, token: str | None) -> None:
     if token is None and not is_loopback(host):
         raise ConfigError(f"--host {host} would show every result to the network without a password: "
                           "pass --token TOKEN (or set ADQUEUE_SERVE_TOKEN)")
-    context = Context(settings_from(ctx))
+    context = Context(settings_from(ctx, existing=True))
     context.store  # noqa: B018 - fail now, clearly, if the database is unreachable
     # Without a token only loopback names are accepted, so no web page can reach us through DNS rebinding.
     allowed = None if token else (*LOOPBACK_HOSTS, host.strip("[]").lower())

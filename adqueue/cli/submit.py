@@ -48,8 +48,9 @@ def _parse_settings(pairs: tuple[str, ...], backbone: str | None) -> dict[str, s
     return settings
 
 
-def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any) -> tuple[Context, Submitted]:
-    settings = settings_from(ctx, device=device)
+def run_with_dispatcher(ctx: click.Context, device: str | None, submit: Any, *, existing: bool = False,
+                        ) -> tuple[Context, Submitted]:
+    settings = settings_from(ctx, device=device, existing=existing)
     context = Context(settings)
     bars: list[Any] = []
 
@@ -97,6 +98,8 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
     summary: dict[str, Any]
     if fmt != "json":
         click.echo(submitted.job_id)  # first, so a script has it even if the wait gives up
+    if submitted.masks is not None and submitted.masks.count:
+        info(submitted.masks.describe())
     if context.settings.embedded or not wait:
         with context.store.session() as session:
             summary = job_summary(session, submitted.job_id)
@@ -105,34 +108,36 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
 
         info(f"job {submitted.job_id} queued ({submitted.kind}); following it, Ctrl-C stops following only")
         summary = wait_for_job(context, submitted.job_id)
-    metrics: dict[str, Any] = {}
-    # An evaluate job's metrics; a train job's are its self-check on synthetic defects (synthetic_auroc).
-    if summary["kind"] in ("evaluate", "train") and summary["status"] in ("done", "failed"):
-        with context.store.session() as session:
-            metrics = job_metrics(session, submitted.job_id)
+    metrics = outcome_metrics(context, summary)
     if fmt == "json":
         emit_object({**submitted.as_dict(), **summary, **metrics}, "json")
     else:
-        _describe(summary, metrics, fmt)
+        describe_outcome(context, summary, metrics, fmt)
     if summary["status"] in ("failed", "cancelled"):
         info(f"[red]job {submitted.job_id} {summary['status']}:[/red] {summary.get('error')}")
         sys.exit(1)
     return summary
 
 
-def _describe(summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> None:
+def outcome_metrics(context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate job's metrics; a train job's are its self-check on synthetic defects (synthetic_auroc)."""
+    if summary["kind"] not in ("evaluate", "train") or summary["status"] not in ("done", "failed"):
+        return {}
+    with context.store.session() as session:
+        return job_metrics(session, summary["job_id"])
+
+
+def describe_outcome(context: Context, summary: dict[str, Any], metrics: dict[str, Any], fmt: str) -> None:
+    """What an ended job concluded, for people, once its progress bars are gone (`adqueue demo` too)."""
     status = summary["status"]
     if summary["kind"] == "train" and status == "done":
         from rich.markup import escape
 
         info(f"trained model [bold]{summary['model']}[/bold] (job {summary['job_id']})")
-        # The job ran elsewhere (a worker) or its log lines scrolled past: repeat what training warned of.
-        context = Context(settings_from(click.get_current_context()))
-        try:
-            with context.store.session() as session:
-                warnings = model_warnings(session, summary["model"])
-        finally:
-            context.close()
+        # Training's warnings are shown here, from the model row, and only here: the log of the
+        # process that trained leaves them out (core/logs.py), a worker's log keeps them.
+        with context.store.session() as session:
+            warnings = model_warnings(session, summary["model"])
         for warning in warnings:
             info(f"[yellow]warning:[/yellow] {escape(warning)}")
     elif summary["kind"] in ("score", "evaluate"):

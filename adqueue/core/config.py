@@ -16,6 +16,7 @@ from adqueue.core.errors import ConfigError
 
 ENV_PREFIX = "ADQUEUE_"
 DEFAULT_DATA_DIR = "./adqueue-data"
+DATABASE_FILE = "adqueue.db"  # the embedded database, in the data dir
 DEFAULT_QUEUE = "gpu"
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_ATTEMPTS = 3
@@ -88,7 +89,7 @@ class Settings:
         device: str | None = None,
     ) -> Settings:
         root = Path(data_dir or _env("DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
-        db = database_url or _env("DATABASE_URL") or sqlite_url(root / "adqueue.db")
+        db = database_url or _env("DATABASE_URL") or sqlite_url(root / DATABASE_FILE)
         broker = broker_url if broker_url is not None else _env("BROKER_URL")
         if broker is not None and broker.strip() == "":
             broker = None
@@ -137,6 +138,16 @@ class Settings:
             raise ConfigError(f"unsupported broker URL {self.broker_url!r}: use redis://HOST:PORT/DB")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def require_data_dir(self) -> None:
+        """For verbs that read or steer what is there: a data dir that does not exist, holding the
+        database (no --db elsewhere), is refused rather than created empty and answered from (`cd
+        /tmp && adqueue jobs` listed nothing, exit 0, and left a new ./adqueue-data behind)."""
+        if self.data_dir.exists() or self.database_url != sqlite_url(self.data_dir / DATABASE_FILE):
+            return
+        raise ConfigError(f"no adqueue data dir at {self.data_dir}: run from the folder that holds it, or pass "
+                          "--data-dir DIR (ADQUEUE_DATA_DIR) or --db URL (ADQUEUE_DATABASE_URL); only the verbs "
+                          "that write (train, score, evaluate, demo, db upgrade, worker) create one")
 
     def with_overrides(self, **changes: Any) -> Settings:
         updated = replace(self, **changes)

@@ -3,6 +3,12 @@
 Sources are enumerated lazily (generators, one directory listing at a time) so a dump of millions
 of files never sits in memory as one list. Paths come out absolute so a worker on another host
 with the same mount sees the same file.
+
+A plain folder may hold masks beside its images (MTD's MT_Free/Imgs: 952 JPEGs and their 952 PNG
+masks): `<image stem>_mask.<ext>`, and a PNG with the stem of an image in another format (masks
+are PNGs nearly everywhere). A walk given a `Masks` counts them, and leaves them out for training,
+where a mask learnt as "normal" spoils the model unseen. Scoring keeps them: a name is only a
+guess, and a night's dump gives every file its row (a.jpg and a.png may well be two shots).
 """
 
 from __future__ import annotations
@@ -20,6 +26,29 @@ from adqueue.data.paths import to_os, to_text
 
 SPLITS = ("train", "test")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+# What the image beside a mask may be stored as: the formats adqueue decodes (data/io.py).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pbm", ".pgm",
+                              ".ppm", ".pnm", ".jp2", ".j2k"})
+
+
+_MASK_NAMES = "<image>_mask.*, or a PNG named like an image in another format"
+
+
+@dataclass
+class Masks:
+    """Masks beside their images that a plain folder's walk met: counted as it goes, and left out
+    of the items when `leave_out` (training)."""
+
+    leave_out: bool
+    count: int = 0
+
+    def describe(self) -> str:
+        if self.leave_out:
+            beside = "masks beside their images" if self.count != 1 else "mask beside its image"
+            return f"{self.count} {beside} left out of training ({_MASK_NAMES})"
+        files = "files look like masks" if self.count != 1 else "file looks like a mask"
+        return (f"{self.count} {files} beside images ({_MASK_NAMES}): scored like every file (an MVTec root or a "
+                "manifest tells masks apart)")
 
 
 @dataclass(frozen=True)
@@ -48,20 +77,22 @@ class Source:
     labeled: bool
     allowed_roots: tuple[Path, ...] = ()  # where a manifest may point besides its own folder
 
-    def items(self) -> Iterator[Item]:
+    def items(self, masks: Masks | None = None) -> Iterator[Item]:
+        """Every item, in a fixed order; a plain folder's masks beside images are counted in `masks`
+        (and left out if it says so)."""
         if self.kind == "folder":
-            return _folder_items(self.root)
+            return _folder_items(self.root, masks)
         if self.kind == "mvtec":
             return _mvtec_items(self.root, self.split)
         return _manifest_items(self.root, self.split, self.allowed_roots)
 
     def items_after(self, written: int, last_path: str | None, keep: Callable[[Item], bool] | None = None,
-                    ) -> Iterator[Item]:
+                    masks: Masks | None = None) -> Iterator[Item]:
         """The items (those `keep` accepts) a second enumeration gives after the first `written`,
         the last of which was `last_path`: for continuing an interrupted submission. A folder is
         matched by position in its walk order, so files added or removed meanwhile are handled; a
         manifest or MVTec root must list the same items as before."""
-        items = self.items() if keep is None else filter(keep, self.items())
+        items = self.items(masks) if keep is None else filter(keep, self.items(masks))
         if not written or last_path is None:
             return items
         if self.kind == "folder":
@@ -91,11 +122,17 @@ def open_source(spec: str | Path, *, split: str | None = None, allowed_roots: tu
         source = Source("manifest", path, split, labeled=True, allowed_roots=allowed_roots)
         _check_manifest(source)
         return source
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if not is_plain_folder(path):
         return Source("mvtec", path, split, labeled=True)
     if split is not None:
         raise SourceError(f"{to_text(str(spec))} is a plain folder: --split needs an MVTec root or a manifest CSV")
     return Source("folder", path, None, labeled=False)
+
+
+def is_plain_folder(spec: str | Path) -> bool:
+    """A folder that is not an MVTec-style root (train/ and test/ in it): images without labels."""
+    path = Path(spec).expanduser()
+    return path.is_dir() and not ((path / "train").is_dir() and (path / "test").is_dir())
 
 
 def walk_order(root: Path, path: str) -> tuple[tuple[int, str], ...]:
@@ -114,14 +151,38 @@ def _skip_exactly(items: Iterator[Item], count: int, last_path: str, what: str) 
     return items
 
 
-def _folder_items(root: Path) -> Iterator[Item]:
+def _folder_items(root: Path, masks: Masks | None) -> Iterator[Item]:
     # Every non-hidden entry that is not a folder is an item: a file that is not an image (or a
     # FIFO, a socket, a broken link) must come back as a result row with an error, not vanish.
+    # Masks beside their images, for training, are the one exception (module docstring).
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
+        names = sorted(name for name in files if not name.startswith("."))
+        found = masks_beside_images(names) if masks is not None else set()
+        if masks is not None:
+            masks.count += len(found)
+        for name in names:
+            if not (masks is not None and masks.leave_out and name in found):
                 yield Item(to_text(os.path.join(directory, name)))
+
+
+def masks_beside_images(names: list[str]) -> set[str]:
+    """The names in one folder's listing that are masks of an image beside them."""
+    formats: dict[str, set[str]] = {}  # stem -> the image extensions it exists in
+    for name in names:
+        stem, extension = os.path.splitext(name)
+        if extension.lower() in IMAGE_EXTENSIONS:
+            formats.setdefault(stem, set()).add(extension.lower())
+    masks = set()
+    for name in names:
+        stem, extension = os.path.splitext(name)
+        extension = extension.lower()
+        if extension not in MASK_EXTENSIONS:
+            continue
+        if (stem.endswith("_mask") and stem[: -len("_mask")] in formats) or (
+                extension == ".png" and formats.get(stem, set()) - {".png"}):
+            masks.add(name)
+    return masks
 
 
 def _mvtec_items(root: Path, split: str | None) -> Iterator[Item]:

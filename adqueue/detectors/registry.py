@@ -34,6 +34,10 @@ class ConfigSpec:
     validate: Callable[[Any], None]  # raises ValueError for settings that cannot work
     summary: str  # what the detector is, in one line
 
+    @property
+    def setting_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(self.config_class))
+
     def build(self, settings: Mapping[str, Any]) -> Any:
         """A checked Config from `--set` strings or JSON values; ValueError/TypeError name the bad one."""
         from adqueue.detectors.settings import build_config

@@ -5,7 +5,9 @@ without importing the detector that will run it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
 
@@ -50,11 +52,60 @@ def coerce(key: str, annotation: Any, raw: Any) -> Any:
     raise TypeError(f"setting {key} has an unsupported type {annotation}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take. NaN and infinities are never in a range: `--set
+    map_sigma=nan` parses as a float, and must be refused here, before a job exists, rather than
+    crash the training that meets it."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""  # what the bound means, shown in the message
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf and self.low == 0:
+            text = "positive" if self.low_open else "0 or more"
+        elif self.high == math.inf:
+            text = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+SHARE = Range(0, 1)  # a fraction, both ends included
+
+
+def blur_range(image_size: int, unit: str = "input pixels") -> Range:
+    """A Gaussian blur's sigma: 0 (none) up to the image's size; a wider blur only flattens the map
+    (and its kernel, 8 sigma wide, outgrows memory long before sigma reaches infinity)."""
+    return Range(0, image_size, why=f"{unit}, at most image_size")
+
+
+def require_in(config: Any, ranges: Mapping[str, Range]) -> None:
+    """Each named setting within its range; the first one outside is named, with its range."""
+    for name, allowed in ranges.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be {allowed}, not {value}")
+
+
 def require_at_least_one(config: Any, names: tuple[str, ...]) -> None:
     """Counts and sizes in a detector's config: each must be >= 1 (all offenders named at once)."""
     bad = [name for name in names if getattr(config, name) < 1]
     if bad:
-        raise ValueError(f"{', '.join(bad)} must be at least 1")
+        values = ", ".join(str(getattr(config, name)) for name in bad)
+        raise ValueError(f"{', '.join(bad)} must be at least 1, not {values}")
 
 
 def require_choice(config: Any, name: str, allowed: tuple[Any, ...]) -> None:

@@ -25,7 +25,8 @@ class Context:
 
     @cached_property
     def data_dir(self) -> DataDir:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Not created here: a verb that only reads must leave no folder behind; whatever writes a
+        # file under it creates the folders it needs (atomic_write_bytes, save_detector).
         return DataDir(self.settings.data_dir)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -27,7 +27,7 @@ from adqueue.core.clock import utcnow
 from adqueue.core.errors import AdqueueError, SourceError
 from adqueue.core.failpoints import failpoint
 from adqueue.data.paths import to_os, to_text
-from adqueue.data.sources import Item, Source, open_source
+from adqueue.data.sources import Item, Masks, Source, is_plain_folder, open_source
 from adqueue.detectors import registry
 from adqueue.jobs.context import Context
 from adqueue.jobs.finishing import after_shard_closed
@@ -36,7 +36,7 @@ from adqueue.jobs.interrupts import interruptions_marked
 from adqueue.jobs.leases import DB_RETRY_S, LeaseLost, lease_until
 from adqueue.jobs.ports import Dispatcher
 from adqueue.jobs.score_settings import HEATMAP_MODES
-from adqueue.jobs.train_settings import split_train_settings
+from adqueue.jobs.train_settings import TRAIN_KEYS, split_train_settings
 from adqueue.store.models import Job, JobKind
 from adqueue.store.queries import resolve_model, submission_progress
 from adqueue.store.transitions import (
@@ -61,10 +61,13 @@ class Submitted:
     n_total: int
     n_shards: int
     model_id: int | None = None
+    # Masks beside images that the submission's walk of a plain folder met (left out of training).
+    masks: Masks | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "kind": self.kind, "status": self.status, "n_total": self.n_total,
-                "n_shards": self.n_shards, "model_id": self.model_id}
+                "n_shards": self.n_shards, "model_id": self.model_id,
+                "n_masks_beside_images": self.masks.count if self.masks else 0}
 
 
 def submit_train(
@@ -78,8 +81,10 @@ def submit_train(
     source = open_source(data, split=split or None, allowed_roots=roots)
     if source.labeled and split is None:
         source = open_source(data, split="train", allowed_roots=roots)
-    first = next((item for item in source.items() if item.label in (None, 0)), None)
-    if first is None:
+    # The whole listing, not just its first image: the masks it leaves out are counted for the user.
+    masks = Masks(leave_out=True)
+    normal = sum(1 for item in source.items(masks) if item.label in (None, 0))
+    if not normal:
         raise SourceError(f"{source.describe()} has no defect-free images to train on")
     params = {"detector": detector, "settings": settings, "name": name, "split": source.split}
     with ctx.store.session() as session:
@@ -88,7 +93,7 @@ def submit_train(
     with submission_guard(ctx, job_id):
         dispatcher.enqueue_train(job_id)
     dispatcher.after_submit(job_id)
-    return describe_job(ctx, job_id, n_shards=0)
+    return replace(describe_job(ctx, job_id, n_shards=0), masks=masks)
 
 
 def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None:
@@ -96,6 +101,11 @@ def _validate_detector_settings(detector: str, settings: dict[str, str]) -> None
     try:
         spec = registry.config_spec(detector)
         _, detector_settings = split_train_settings(settings)
+        own = sorted(spec.setting_names - TRAIN_KEYS.keys())  # its seed is the training's
+        unknown = sorted(set(detector_settings) - set(own))
+        if unknown:
+            raise AdqueueError(f"unknown setting(s) {', '.join(unknown)}; {detector} settings: {', '.join(own)}; "
+                               f"training settings (any detector): {', '.join(TRAIN_KEYS)}")
         spec.build(detector_settings)
     except (ValueError, TypeError) as exc:
         raise AdqueueError(str(exc)) from None
@@ -114,12 +124,12 @@ def submit_evaluate(
     ctx: Context, dispatcher: Dispatcher, *, model: str, data: str, split: str | None = "test",
     shard_size: int = 256, heatmaps: str = "flagged",
 ) -> Submitted:
-    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
-    if not source.labeled:
+    if is_plain_folder(data):  # before the split is looked at: a plain folder has none, nor labels
         raise SourceError(
             f"{data} is a plain folder without labels: evaluate needs an MVTec-style root "
             "(train/good, test/<defect>, ground_truth/<defect>) or a manifest CSV"
         )
+    source = open_source(data, split=split, allowed_roots=ctx.settings.allowed_roots)
     return _submit_sharded(ctx, dispatcher, JobKind.EVALUATE, model, source,
                            shard_size=shard_size, heatmaps=heatmaps)
 
@@ -142,14 +152,17 @@ def _submit_sharded(
         held = create_job(session, kind=kind, source=to_text(str(source.root)), params=params, model_id=model.id,
                           queue=dispatcher.queue, worker=submitter(), lease_until=lease_until(ctx))
         model_id = model.id
-    n_shards = continue_submission(ctx, dispatcher, held)
+    masks = Masks(leave_out=False)
+    n_shards = continue_submission(ctx, dispatcher, held, masks=masks)
     dispatcher.after_submit(held.job_id)
-    return describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id)
+    return replace(describe_job(ctx, held.job_id, n_shards=n_shards, model_id=model_id), masks=masks)
 
 
-def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) -> int:
+def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob, *,
+                        masks: Masks | None = None) -> int:
     """Write the job's shards from wherever its submission stopped (the start, for a new job),
-    then queue the job. Returns the number of shards written by this call."""
+    then queue the job. Returns the number of shards written by this call; `masks` counts the
+    masks beside images that the walk met (a score job scores them, like every file)."""
     with ctx.store.session() as session:
         job = session.get_one(Job, held.job_id)
         source_spec, kind, params, model_id = job.source, job.kind, dict(job.params), job.model_id
@@ -157,7 +170,7 @@ def continue_submission(ctx: Context, dispatcher: Dispatcher, held: ClaimedJob) 
     with submission_guard(ctx, held.job_id):
         source = open_source(to_os(source_spec), split=params.get("split"), allowed_roots=ctx.settings.allowed_roots)
         keep = _labeled if kind == JobKind.EVALUATE else None
-        items = source.items_after(n_items, last_path, keep)
+        items = source.items_after(n_items, last_path, keep, masks)
         skip = SkipScored(ctx, model_id) if params.get("skip_scored") and model_id is not None else None
         if skip is not None:
             items = skip(items)

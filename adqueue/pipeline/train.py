@@ -28,7 +28,7 @@ from torch import Tensor
 from adqueue.core.errors import AdqueueError
 from adqueue.core.progress import Progress
 from adqueue.data.loader import load_stream
-from adqueue.data.sources import Item, open_source
+from adqueue.data.sources import Item, Masks, open_source
 from adqueue.detectors import registry
 from adqueue.detectors.base import Detector
 from adqueue.pipeline.calibrate import calibrate, calibration_warnings
@@ -77,11 +77,14 @@ def new_detector(name: str, settings: dict[str, Any], seed: int, device: Any) ->
 
 def training_items(spec: str, split: str | None, max_images: int, allowed_roots: tuple[Path, ...]) -> list[Item]:
     source = open_source(spec, split=split, allowed_roots=allowed_roots)
-    items = [item for item in source.items() if item.label in (None, 0)]
+    masks = Masks(leave_out=True)
+    items = [item for item in source.items(masks) if item.label in (None, 0)]
+    if masks.count:
+        log.info("%s: %s", source.describe(), masks.describe())
     if max_images:
         items = items[:max_images]
     if len(items) < 2:
-        raise AdqueueError(f"{source.describe()} has {len(items)} defect-free image(s): need at least 2")
+        raise AdqueueError(f"{source.describe()} has {len(items)} defect-free file(s) to train on: need at least 2")
     return items
 
 
@@ -97,25 +100,22 @@ def holdout(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], 
 
 def load_training_images(detector: Detector, items: list[Item], train_settings: dict[str, Any], progress: Progress,
                          *, max_bytes: int) -> TrainingImages:
-    """Split `items` into fitting and calibration images and decode both; refuses too few to fit on."""
+    """Split `items` into fitting and calibration images and decode both; refuses too few readable
+    images to fit on (counted after decoding: a file that is not an image is no training image)."""
     fit_items, calib_items = holdout(items, train_settings["calib_fraction"], train_settings["seed"])
-    minimum = train_settings["min_images"] or detector.min_fit_images
-    check_fit_count(detector.name, len(fit_items), minimum)  # before loading: it can only shrink
     fit, failed = _load_pixels(fit_items, detector, progress, max_bytes=max_bytes)
+    minimum = max(2, train_settings["min_images"] or detector.min_fit_images)
+    check_fit_count(detector.name, minimum, n_files=len(fit_items), n_readable=len(fit), n_held_out=len(calib_items))
     calib, calib_failed = _load_pixels(calib_items, detector, progress, phase="loading calibration images",
                                        max_bytes=max_bytes)
     return TrainingImages(fit, calib, failed, calib_failed)
 
 
 def fit_and_calibrate(detector: Detector, images: TrainingImages, train_settings: dict[str, Any], progress: Progress,
-                      *, source: str, job_id: int) -> Trained:
+                      ) -> Trained:
     """Fit on `images.fit`, calibrate on `images.calib` (on the fitting images when there are none),
-    run the self-check; the warnings are logged and kept."""
+    run the self-check; the warnings are kept with the model (the runner logs them)."""
     fit_pixels, calib_pixels = images.fit, images.calib
-    if len(fit_pixels) < 2:
-        raise AdqueueError(f"only {len(fit_pixels)} readable training image(s) in {source}: need at least 2")
-    minimum = train_settings["min_images"] or detector.min_fit_images
-    check_fit_count(detector.name, len(fit_pixels), minimum, unreadable=images.unreadable_fit)
     started = time.perf_counter()
     detector.train()
     report = detector.fit(TensorImages(fit_pixels), progress=progress)
@@ -126,8 +126,6 @@ def fit_and_calibrate(detector: Detector, images: TrainingImages, train_settings
     check = run_self_check(detector, calib_on, calibration.raw_scores, progress, seed=train_settings["seed"],
                            in_sample=calibration.in_sample)
     warnings = calibration_warnings(calibration, train_settings["calib_fraction"]) + check.warnings()
-    for warning in warnings:
-        log.warning("train job %s: %s", job_id, warning)
     extra = {
         "threshold": calibration.threshold,
         "map_range": list(calibration.map_range),
@@ -144,13 +142,17 @@ def fit_and_calibrate(detector: Detector, images: TrainingImages, train_settings
     return Trained(detector, extra, counts)
 
 
-def check_fit_count(detector: str, n_fit: int, minimum: int, *, unreadable: int = 0) -> None:
-    """Refuse to fit on fewer images than `minimum`: such a model scores no better than chance."""
-    if n_fit >= minimum:
+def check_fit_count(detector: str, minimum: int, *, n_files: int, n_readable: int, n_held_out: int) -> None:
+    """Refuse to fit on fewer readable images than `minimum`: such a model scores no better than
+    chance. The message counts images, not files, and says where the others went."""
+    if n_readable >= minimum:
         return
-    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
-    raise AdqueueError(f"{detector} needs at least {minimum} defect-free images to fit, got {n_fit}{skipped}; "
-                       f"--set min_images={n_fit} to train anyway")
+    unreadable = n_files - n_readable
+    found = (f": {n_readable} of the {n_files} files are readable images ({unreadable} are not images or "
+             "unreadable)" if unreadable else f", got {n_readable}")
+    held = f"; {n_held_out} more files are held out to calibrate the threshold" if n_held_out else ""
+    hint = f"--set min_images={n_readable} to train anyway" if n_readable >= 2 else "add defect-free images"
+    raise AdqueueError(f"{detector} needs at least {minimum} defect-free images to fit{found}{held}; {hint}")
 
 
 def _load_pixels(

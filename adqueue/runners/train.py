@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from adqueue.core.errors import AdqueueError
 from adqueue.core.hashing import file_sha256
+from adqueue.core.logs import OUTCOME
 from adqueue.core.progress import Progress
 from adqueue.data.paths import to_os
 from adqueue.jobs.context import Context
@@ -60,17 +61,22 @@ class TrainRun(JobRun):
         with ctx.store.session() as session:
             if not renew_job_lease(session, held, lease_until(ctx), n_failed=images.unreadable):
                 raise LeaseLost(f"train job {held.job_id} lost its lease while loading images")
-        trained = fit_and_calibrate(detector, images, train_settings, progress, source=source, job_id=held.job_id)
+        trained = fit_and_calibrate(detector, images, train_settings, progress)
         register(ctx, held, params, trained, train_settings)
+        for warning in trained.extra["warnings"]:  # a terminal that ran it prints them from the model row
+            log.warning("train job %s: %s", held.job_id, warning, extra=OUTCOME)
         return Outcome.DONE
 
     def lost(self, held: ClaimedJob, exc: LeaseLost) -> None:
         log.warning("train job %s: %s; nothing was registered", self.job_id, exc)
 
     def failed(self, held: ClaimedJob, exc: Exception) -> Outcome:
-        if not isinstance(exc, (AdqueueError, ValueError)):
-            log.error("train job %s failed:\n%s", self.job_id, traceback.format_exc())
-        return self.fail_job(held, f"{type(exc).__name__}: {exc}")
+        # The job's error is read by people (adqueue jobs, the web page): plain words, no class names.
+        if isinstance(exc, (AdqueueError, ValueError)):
+            return self.fail_job(held, str(exc))
+        log.error("train job %s failed:\n%s", self.job_id, traceback.format_exc())
+        return self.fail_job(held, f"training failed unexpectedly: {exc or type(exc).__name__}; "
+                                   "the log has the traceback")
 
 
 def run_train_job(ctx: Context, job_id: int, *, worker: str, device: Any, display: Progress | None = None) -> Outcome:

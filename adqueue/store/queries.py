@@ -11,8 +11,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from adqueue.core.clock import aware, utcnow
-from adqueue.core.errors import JobNotFound, ModelNotFound
-from adqueue.store.models import Job, JobStatus, Metric, Model, Result, Shard, ShardStatus
+from adqueue.core.errors import AdqueueError, JobNotFound, ModelNotFound
+from adqueue.store.models import Job, JobKind, JobStatus, Metric, Model, Result, Shard, ShardStatus
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -175,8 +175,12 @@ def list_jobs(session: Session, limit: int = 20, *, counts: bool = False, job_id
 def job_results(
     session: Session, job_id: int, *, anomalous: bool = False, top: int | None = None
 ) -> list[dict[str, Any]]:
-    if session.get(Job, job_id) is None:
+    job = session.get(Job, job_id)
+    if job is None:
         raise JobNotFound(f"no job {job_id}")
+    if job.kind == JobKind.TRAIN:  # an empty table would read as "nothing scored"
+        raise AdqueueError(f"job {job_id} is a train job: it has no per-image results; its outcome is in "
+                           f"`adqueue jobs {job_id}` (status, counts, synthetic AUROC) and `adqueue models`")
     query = select(Result).where(Result.job_id == job_id)
     if anomalous:
         query = query.where(Result.is_anomaly.is_(True))

@@ -19,6 +19,16 @@ from adqueue.core.errors import AdqueueError, ReadOnlyViolation
 from adqueue.store.session import make_engine
 
 _READ_VERBS = frozenset({"SELECT", "WITH", "EXPLAIN", "VALUES", "SHOW", "TABLE"})
+# Every other statement PostgreSQL or SQLite runs: refused by name, as a write or a change to the
+# session. A first word that is none of these is no statement at all (a typo: "selec ..."), and
+# is told so rather than called a write.
+_OTHER_STATEMENTS = frozenset({
+    "ABORT", "ALTER", "ANALYZE", "ATTACH", "BEGIN", "CALL", "CHECKPOINT", "CLOSE", "CLUSTER", "COMMENT", "COMMIT",
+    "COPY", "CREATE", "DEALLOCATE", "DECLARE", "DELETE", "DETACH", "DISCARD", "DO", "DROP", "END", "EXECUTE",
+    "FETCH", "GRANT", "IMPORT", "INSERT", "LISTEN", "LOAD", "LOCK", "MERGE", "MOVE", "NOTIFY", "PRAGMA", "PREPARE",
+    "REASSIGN", "REFRESH", "REINDEX", "RELEASE", "REPLACE", "RESET", "REVOKE", "ROLLBACK", "SAVEPOINT", "SECURITY",
+    "SET", "START", "TRUNCATE", "UNLISTEN", "UPDATE", "UPSERT", "VACUUM",
+})
 # What PostgreSQL's DECLARE ... CURSOR FOR accepts ("(" opens a parenthesized SELECT).
 _STREAMED_VERBS = frozenset({"SELECT", "WITH", "VALUES", "TABLE"})
 # Calls a read may not make: set_config can take a superuser session back from pg_read_all_data
@@ -41,9 +51,14 @@ def check_read_only(statement: str) -> str:
 def _read_statement(statement: str) -> tuple[str, str]:
     """(the statement to run, its verb), or ReadOnlyViolation for anything but one read."""
     tokens = _single_statement(statement)
-    verb = _leading_verb(tokens)
-    if verb not in _READ_VERBS:
+    first = _leading_word(tokens)
+    verb = first.upper()
+    if verb in _OTHER_STATEMENTS:
         raise ReadOnlyViolation(f"adqueue sql is read-only: {verb} statements are refused")
+    if verb not in _READ_VERBS:
+        reads = ", ".join(sorted(_READ_VERBS))
+        raise AdqueueError(f"adqueue sql knows no statement that starts with {first!r} (a typo?): it runs one read "
+                           f"statement, starting with one of {reads}")
     _refuse_writes_inside(tokens)
     _refuse_session_escapes(tokens)
     return "".join(token.value for token in tokens).lstrip(), verb
@@ -77,11 +92,11 @@ def _is_filler(token: Token) -> bool:
     return token.is_whitespace or token.ttype in T.Comment
 
 
-def _leading_verb(tokens: list[Token]) -> str:
+def _leading_word(tokens: list[Token]) -> str:
     # A parenthesis may open a read: "(SELECT ...) UNION (SELECT ...)".
     for token in tokens:
         if not (_is_filler(token) or token.match(T.Punctuation, "(")):
-            return token.value.upper()
+            return str(token.value)
     raise ReadOnlyViolation("empty SQL statement")
 
 

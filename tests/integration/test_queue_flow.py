@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def test_training_runs_on_a_worker(deployment: Deployment, trained: dict) -> Non
     assert trained["status"] == "done" and trained["model"] == "bricks:1"
     logs = "".join(w.log.read_text() for w in deployment.workers)
     assert "adqueue.train" in logs and "computes on cpu" in logs
+    # a worker's log keeps training's warnings, which a terminal prints from the model row instead
+    assert re.search(r"WARNING adqueue.runners.train: train job \d+: the threshold is calibrated on only 5 ", logs)
 
 
 def test_score_through_the_queue(deployment: Deployment, scored: dict, textures) -> None:

@@ -1,6 +1,10 @@
 """The CLI on the embedded default (no broker): the whole job flow in this process, plus errors."""
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -8,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from adqueue.cli import cli
-from benchmarks.harness.cli import FAST_MVG
+from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
 from tests.helpers.cli import invoke_cli
 
 
@@ -71,6 +75,26 @@ def test_evaluate_prints_and_stores_metrics(data_dir: Path, trained: dict, textu
     assert stored == [{"name": "image_auroc", "value": pytest.approx(out["image_auroc"])}]
 
 
+def test_masks_beside_images_are_left_out_of_training_and_counted_when_scored(data_dir: Path, trained: dict,
+                                                                              textures, tmp_path: Path) -> None:
+    folder = tmp_path / "with_masks"
+    folder.mkdir()
+    masks = sorted((textures[0] / "ground_truth").rglob("*_mask.png"))
+    for index, image in enumerate(sorted((textures[0] / "train" / "good").glob("*.png"))):
+        shutil.copy(image, folder / image.name)
+        shutil.copy(masks[index % len(masks)], folder / f"{image.stem}_mask.png")
+    out = invoke(data_dir, "train", "--data", str(folder), "--name", "masked", *FAST_MVG)
+    assert "24 masks beside their images left out of training" in " ".join(out.stderr.split())
+    job = json.loads(invoke(data_dir, "jobs", out.stdout.splitlines()[0], "--format", "json").stdout)
+    assert job["status"] == "done" and job["n_total"] == 24  # the 24 images, none of their masks
+
+    # a dump's every file gets its row (a name is only a guess): scored, and counted in a note
+    result = invoke(data_dir, "score", "--model", "bricks:1", str(folder), "--heatmaps", "none", "--format", "json")
+    scored = json.loads(result.stdout)
+    assert scored["n_total"] == 48 and scored["n_masks_beside_images"] == 24
+    assert "24 files look like masks beside images (" in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize("statement", [
     "DELETE FROM results",
     "INSERT INTO metrics (model_id, name, value, created_at) VALUES (1, 'x', 1, '2020-01-01')",
@@ -99,12 +123,26 @@ def test_sql_is_read_only(data_dir: Path, trained: dict, statement: str) -> None
     (["resume", "1"], "job 1 is done: nothing to resume"),
     (["cancel", "1"], "job 1 is done already: nothing to cancel"),
     (["--db", "mysql://x/y", "jobs"], "unsupported database URL"),
+    (["results", "1"], "job 1 is a train job: it has no per-image results; its outcome is in `adqueue jobs 1` "
+                       "(status, counts, synthetic AUROC) and `adqueue models`"),
+    (["train", "--data", ".", "--name", "x", "--set", "nosuchkey=1"],
+     "unknown setting(s) nosuchkey; mvg settings: backbone, batch_size, image_size, levels, local_samples, "
+     "map_levels, map_sigma, map_variance, variance; training settings (any detector): fpr, calib_fraction, seed, "
+     "max_images, min_images"),
 ])
 def test_bad_arguments_are_one_clear_line(data_dir: Path, trained: dict, args: list[str], message: str) -> None:
     result = invoke(data_dir, *args, ok=False)
     assert result.exit_code != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_on_a_plain_folder_says_it_has_no_labels(data_dir: Path, trained: dict, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    result = invoke(data_dir, "evaluate", "--model", "bricks", "--data", str(tmp_path), ok=False)
+    assert result.exit_code == 1 and "--split" not in result.stderr  # nobody gave one
+    assert result.stderr == (f"Error: {tmp_path} is a plain folder without labels: evaluate needs an MVTec-style "
+                             "root (train/good, test/<defect>, ground_truth/<defect>) or a manifest CSV\n")
 
 
 def test_every_verb_has_help() -> None:
@@ -155,3 +193,50 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run() -> None:
             raise_if_signalled()
         assert raised.value.signum == signal.SIGTERM
     raise_if_signalled()  # outside, a past signal no longer counts
+
+
+def test_the_demo_says_what_training_concluded(tmp_path: Path) -> None:
+    """`make demo` in a fresh process: training's outcome (the model, its self-check, its warning)
+    is printed once, after training, with no raw log line; the heat-map line says what it prints."""
+    data = tmp_path / "data"
+    done = run_cli(["demo", "--normal", "20", "--dump", "4"], cli_env(ADQUEUE_DATA_DIR=str(data),
+                                                                    ADQUEUE_BROKER_URL=""))
+    stderr = " ".join(done.stderr.split())
+    assert "trained model demo-bricks:1 (job 1)" in stderr
+    assert stderr.count("calibrated on only 4 held-out images") == 1
+    assert "warning: the threshold is calibrated on only 4 held-out images" in stderr
+    assert re.search(r"synthetic_auroc\s+│ [01]\.\d+", done.stdout), done.stdout
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|WARNING", done.stderr, re.MULTILINE), done.stderr
+    heatmaps = data / "heatmaps" / "job2"
+    assert f"heat maps: {heatmaps} (heatmap_path above is relative to the data dir, {data})" in stderr
+    assert any(heatmaps.glob("*.png"))
+
+
+MISSING = ("no adqueue data dir at {}: run from the folder that holds it, or pass --data-dir DIR (ADQUEUE_DATA_DIR) "
+           "or --db URL (ADQUEUE_DATABASE_URL); only the verbs that write (train, score, evaluate, demo, db upgrade, "
+           "worker) create one")
+
+
+@pytest.mark.parametrize("args", [["jobs"], ["jobs", "1"], ["results", "1"], ["models"], ["sql", "SELECT 1"],
+                                  ["reconcile"], ["cancel", "1"], ["resume", "1"]])
+def test_verbs_that_read_refuse_a_data_dir_that_does_not_exist(tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "adqueue-data"
+    result = invoke_cli(missing, *args, ok=False)
+    assert result.exit_code == 1 and result.stderr == f"Error: {MISSING.format(missing)}\n"
+    assert not missing.exists()
+
+
+def test_run_from_another_folder_a_verb_says_where_it_looked(tmp_path: Path) -> None:
+    """`cd /tmp && adqueue jobs` (a cron line run from /) listed an empty table from a new ./adqueue-data."""
+    env = cli_env()
+    for args in (["jobs"], ["serve", "--port", "1"]):
+        done = subprocess.run([sys.executable, "-m", "adqueue", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 1 and " ".join(done.stderr.split()) == f"Error: {MISSING.format(tmp_path / 'adqueue-data')}"
+    assert list(tmp_path.iterdir()) == []
+    # what writes creates it; a database named elsewhere needs no data dir to be read
+    invoke_cli(tmp_path / "new", "db", "upgrade")
+    assert (tmp_path / "new" / "adqueue.db").is_file()
+    elsewhere = f"sqlite:///{tmp_path / 'new' / 'adqueue.db'}"
+    listed = invoke_cli(tmp_path / "absent", "--db", elsewhere, "jobs", "--format", "json")
+    assert json.loads(listed.stdout) == [] and not (tmp_path / "absent").exists()

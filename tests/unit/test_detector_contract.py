@@ -4,9 +4,12 @@ loads into a fresh detector and scores exactly alike (tiny settings: seconds per
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 from adqueue.detectors import registry
 from adqueue.detectors.base import Detector
+from adqueue.jobs.train_settings import TRAIN_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 LITE = {"backbone": "efficientnet_lite0", "image_size": "64"}
@@ -147,3 +151,41 @@ def test_a_state_that_records_it_was_not_fitted_loads_unfitted(name: str) -> Non
     assert state["fitted"].dtype == torch.bool and not bool(state["fitted"])
     fresh = registry.create(name, TINY[name])
     assert fresh.load_fitted(state) == ([], []) and not fresh.fitted
+
+
+def _numeric_settings(name: str) -> dict[str, type]:
+    """Every int or float `--set` key of the detector (the seed is a training key)."""
+    config_class = registry.config_spec(name).config_class
+    hints = get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_class)
+            if f.name not in TRAIN_KEYS and hints[f.name] in (int, float, float | None)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_numeric_setting_refuses_what_no_training_survives(name: str) -> None:
+    """NaN, infinities and negative numbers are refused by the torch-free checks that run before a
+    job exists, for every numeric setting, in one line naming the setting (and, for a number, its
+    range); none reaches a training that then crashes or registers a useless model."""
+    spec = registry.config_spec(name)
+    settings = _numeric_settings(name)
+    assert len(settings) >= 5
+    for setting, kind in settings.items():
+        for value in ("nan", "inf", "-inf", "-1"):
+            with pytest.raises(ValueError) as refused:
+                spec.build({setting: value})
+            message = str(refused.value)
+            assert "\n" not in message
+            if kind is int and value != "-1":
+                assert message == f"setting {setting}={value!r} is not a valid int"
+            else:
+                assert re.match(rf"^(.+, )?{setting}(, .+)? must be .+, not ", message), message
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_a_blur_wider_than_the_image_is_refused(name: str) -> None:
+    spec = registry.config_spec(name)
+    size = spec.build({}).image_size
+    for setting in [s for s in _numeric_settings(name) if s.endswith("_sigma")]:
+        spec.build({setting: str(size)})
+        with pytest.raises(ValueError, match=rf"^{setting} must be in \[0, {size}\] \(.*at most image_size\), not "):
+            spec.build({setting: "1e12"})

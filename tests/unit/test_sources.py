@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adqueue.core.errors import SourceError
-from adqueue.data.sources import Item, open_source
+from adqueue.data.sources import Item, Masks, open_source
 from tests.helpers.datasets import datasets_or_skip
 
 
@@ -27,6 +27,40 @@ def test_folder_is_recursive_sorted_and_keeps_non_images(tmp_path: Path) -> None
     names = [Path(item.path).relative_to(tmp_path).as_posix() for item in source.items()]
     assert names == ["a.png", "notes.txt", "b/1.jpg", "b/2.png"]
     assert all(Path(item.path).is_absolute() and item.label is None for item in source.items())
+
+
+def test_masks_beside_their_images_are_counted_and_left_out_for_training(tmp_path: Path) -> None:
+    for name in ("a.jpg", "a.png",  # MTD: a JPEG and its PNG mask
+                 "b.png", "b_mask.png",  # MVTec's naming, in one folder
+                 "c.bmp", "c.png", "c_mask.bmp",  # one image, two masks
+                 "d_mask.png",  # no image d beside it: an item like any other
+                 "e.png", "e.PNG",  # both PNG: two images, nothing to tell a mask by
+                 "f.tif", "f.txt",  # a text file is no image to be a mask of, nor a mask
+                 "sub/g.jpeg", "sub/g.png", "sub/h.png", "notes.txt"):
+        _touch(tmp_path / name)
+    masks = Masks(leave_out=True)
+    names = [Path(item.path).relative_to(tmp_path).as_posix() for item in open_source(tmp_path).items(masks)]
+    assert names == ["a.jpg", "b.png", "c.bmp", "d_mask.png", "e.PNG", "e.png", "f.tif", "f.txt", "notes.txt",
+                     "sub/g.jpeg", "sub/h.png"]
+    assert masks.count == 5
+    assert masks.describe().startswith("5 masks beside their images left out of training (")
+    # scoring keeps every file, and counts them for its note; without a Masks nothing is looked at
+    kept = Masks(leave_out=False)
+    assert len(list(open_source(tmp_path).items(kept))) == 16 == len(list(open_source(tmp_path).items()))
+    assert kept.count == 5 and kept.describe().startswith("5 files look like masks beside images (")
+    again = Masks(leave_out=True)  # a training submission's walk continued after its 4th item
+    assert len(list(open_source(tmp_path).items_after(4, str(tmp_path / "d_mask.png"), masks=again))) == 7
+    assert again.count == 5
+
+
+def test_mtd_free_images_without_their_masks() -> None:
+    """MT_Free/Imgs as a plain folder: 952 JPEGs and their 952 PNG masks; only the JPEGs are items."""
+    folder = datasets_or_skip("mtd") / "MT_Free" / "Imgs"
+    masks = Masks(leave_out=True)
+    items = list(open_source(folder).items(masks))
+    assert len(items) == 952 and all(item.path.endswith(".jpg") for item in items)
+    assert masks.count == 952
+    assert masks.describe().startswith("952 masks beside their images left out of training")
 
 
 def test_folder_enumeration_is_lazy(tmp_path: Path) -> None:

@@ -184,3 +184,20 @@ def test_help_explains_the_caps_the_timeout_and_the_url() -> None:
     for words in ("--max-rows N", "0: all rows", "ADQUEUE_SQL_MAX_ROWS", "default 10000", "--timeout SECONDS",
                   "ADQUEUE_SQL_TIMEOUT", "default", "ADQUEUE_SQL_DATABASE_URL", "read-only"):
         assert words in text, words
+
+
+def test_help_lists_every_table() -> None:
+    from adqueue.store.models import Base
+
+    text = " ".join(CliRunner().invoke(cli, ["sql", "--help"]).output.split())
+    (listed,) = [line for line in text.split(". ") if line.startswith("Tables: ")]
+    assert sorted(listed.removeprefix("Tables: ").split(" (")[0].split(", ")) == sorted(Base.metadata.tables)
+
+
+@pytest.mark.parametrize("statement", ["selec * from jobs", "jobs", "42"])
+def test_a_typo_is_no_statement_rather_than_a_write(data_dir: Path, statement: str) -> None:
+    word = statement.split()[0]
+    assert_one_clear_line(sql(data_dir, statement, ok=False),
+                          f"Error: adqueue sql knows no statement that starts with {word!r} (a typo?): it runs one "
+                          "read statement, starting with one of EXPLAIN, SELECT, SHOW, TABLE, VALUES, WITH")
+    assert "read-only" not in sql(data_dir, statement, ok=False).stderr

@@ -2,6 +2,7 @@
 images or a broken threshold fail the job with one line, a shaky threshold registers with warnings."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from adqueue.pipeline.calibrate import (
     check_scores_finite,
     check_threshold,
 )
-from benchmarks.harness.cli import FAST_MVG
+from benchmarks.harness.cli import FAST_MVG, cli_env, run_cli
 from tests.helpers.cli import invoke_cli
 
 # encoder_flow at its smallest: trains in about a second, and its threshold rule extrapolates.
@@ -71,6 +72,10 @@ def stored_params(data_dir: Path, name: str) -> dict:
     ("fpr=-0.1", "fpr must be in [0, 1), not -0.1"),
     ("seed=-3", "seed must be 0 or a positive integer, not -3"),
     ("max_images=ten", "training setting max_images must be an integer, not 'ten'"),
+    ("fpr=nan", "fpr must be in [0, 1), not nan"),
+    ("map_sigma=nan", "map_sigma must be in [0, 128] (input pixels, at most image_size), not nan"),
+    ("map_sigma=inf", "map_sigma must be in [0, 128] (input pixels, at most image_size), not inf"),
+    ("map_sigma=-1", "map_sigma must be in [0, 128] (input pixels, at most image_size), not -1.0"),
 ])
 def test_bad_training_settings_are_refused_before_a_job_exists(data_dir: Path, textures, setting: str,
                                                                message: str) -> None:
@@ -79,6 +84,8 @@ def test_bad_training_settings_are_refused_before_a_job_exists(data_dir: Path, t
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"Error: {message}"  # one line, and only that
     assert invoke(data_dir, "jobs", "--format", "json").stdout == before  # nothing was queued
+    count = invoke(data_dir, "sql", "SELECT count(*) AS n FROM jobs WHERE params LIKE '%refused%'", "--format", "json")
+    assert json.loads(count.stdout) == [{"n": 0}]
 
 
 def test_min_images_setting_defaults_to_the_detectors_own() -> None:
@@ -90,9 +97,10 @@ def test_min_images_setting_defaults_to_the_detectors_own() -> None:
 def test_too_few_fit_images_fail_with_a_hint_and_min_images_overrides(data_dir: Path, textures) -> None:
     # 10 images: 2 held out to calibrate, 8 to fit, half of what mvg needs
     failed = train(data_dir, textures[0], "few", *FAST_MVG, "--set", "max_images=10", ok=False)
-    hint = "mvg needs at least 16 defect-free images to fit, got 8; --set min_images=8 to train anyway"
+    hint = ("mvg needs at least 16 defect-free images to fit, got 8; 2 more files are held out to calibrate the "
+            "threshold; --set min_images=8 to train anyway")
     assert failed.exit_code == 1 and hint in flat(failed.stderr)
-    assert job_error(data_dir, failed) == f"AdqueueError: {hint}"
+    assert job_error(data_dir, failed) == hint
     assert not any(model.startswith("few:") for model in models(data_dir))
 
     forced = train(data_dir, textures[0], "few", *FAST_MVG, "--set", "max_images=10", "--set", "min_images=8")
@@ -111,8 +119,26 @@ def test_unreadable_images_do_not_count_toward_the_minimum(data_dir: Path, textu
     # 20 files, all fitted (no hold-out): enough on paper, but only 15 can be read
     failed = train(data_dir, folder, "broken", *FAST_MVG, "--set", "calib_fraction=0", ok=False)
     assert failed.exit_code == 1
-    assert job_error(data_dir, failed) == ("AdqueueError: mvg needs at least 16 defect-free images to fit, got 15 "
-                                           "(5 unreadable skipped); --set min_images=15 to train anyway")
+    assert job_error(data_dir, failed) == ("mvg needs at least 16 defect-free images to fit: 15 of the 20 files are "
+                                           "readable images (5 are not images or unreadable); --set min_images=15 "
+                                           "to train anyway")
+
+
+def test_the_minimum_counts_readable_images_not_files(data_dir: Path, textures, tmp_path: Path) -> None:
+    """2 images among 7 files: the message says 2 images, and its hint (min_images=2) trains."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted((textures[0] / "train" / "good").glob("*.png"))[:2]:
+        shutil.copy(path, folder / path.name)
+    for index in range(5):
+        (folder / f"notes{index}.txt").write_text("shift log\n")
+    failed = train(data_dir, folder, "mixed", *FAST_MVG, "--set", "calib_fraction=0", ok=False)
+    message = ("mvg needs at least 16 defect-free images to fit: 2 of the 7 files are readable images (5 are not "
+               "images or unreadable); --set min_images=2 to train anyway")
+    assert failed.exit_code == 1 and f"failed: {message}" in flat(failed.stderr)
+    assert job_error(data_dir, failed) == message  # plain words: no exception class in front
+    hinted = train(data_dir, folder, "mixed", *FAST_MVG, "--set", "calib_fraction=0", "--set", "min_images=2")
+    assert "trained model mixed:1" in flat(hinted.stderr)
 
 
 def stored_threshold(data_dir: Path, name: str) -> float:
@@ -132,6 +158,22 @@ def test_few_calibration_images_warn_on_the_terminal_and_in_the_model(data_dir: 
     assert models(data_dir)["bricks:1"]["warnings"] == [FEW_CALIB]
     table = invoke(data_dir, "models").stdout
     assert "warnings" in table and "rough guess" in flat(table)
+
+
+def test_a_terminal_shows_each_warning_once_after_the_bars_and_no_raw_log_line(textures, tmp_path: Path) -> None:
+    """In a fresh process, as a user runs it: training's warning was logged across the progress bars
+    (timestamped) and then printed again; it is printed once, after training, and the one log line
+    training writes here (a file it skips) comes through the console as "warning: ..."."""
+    folder = tmp_path / "good"
+    shutil.copytree(textures[0] / "train" / "good", folder)
+    (folder / "notes.txt").write_text("not an image\n")
+    env = cli_env(ADQUEUE_DATA_DIR=str(tmp_path / "data"), ADQUEUE_BROKER_URL="")
+    done = run_cli(["train", "--data", str(folder), "--name", "once", *FAST_MVG], env)
+    stderr = flat(done.stderr)
+    assert stderr.count("calibrated on only") == 1
+    assert stderr.index("trained model once:1") < stderr.index("warning: the threshold is calibrated on only")
+    assert f"warning: skipping unreadable training image {folder / 'notes.txt'}: not an image" in stderr
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|WARNING", done.stderr, re.MULTILINE), done.stderr
 
 
 def test_calibrating_on_the_training_images_warns(data_dir: Path, textures) -> None:
@@ -154,7 +196,7 @@ def test_non_finite_calibration_scores_register_nothing(data_dir: Path, textures
     failed = train(data_dir, textures[0], "diverged", *TINY_FLOW, "--set", "flow_lr=1e6", ok=False)
     assert failed.exit_code == 1
     error = job_error(data_dir, failed)
-    assert error.startswith("AdqueueError: the model's scores on the 5 calibration images are not finite (")
+    assert error.startswith("the model's scores on the 5 calibration images are not finite (")
     assert error.endswith(" of 5): nothing was registered")
     assert not any(model.startswith("diverged:") for model in models(data_dir))
     with pytest.raises(AdqueueError, match=r"not finite \(2 of 4\)"):

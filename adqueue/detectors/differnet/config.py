@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adqueue.detectors.components.backbone_specs import LAST_FEATURE_LEVEL, check_levels
-from adqueue.detectors.settings import require_at_least_one, require_choice
+from adqueue.detectors.settings import POSITIVE, Range, blur_range, require_at_least_one, require_choice, require_in
 
 SCORES = ("nll", "z2")
 
@@ -57,13 +57,15 @@ def feature_levels(config: DifferNetConfig) -> list[int]:
 def validate(config: DifferNetConfig) -> None:
     """Raise ValueError for settings that cannot work; cheap, loads no weights."""
     check_levels(config.backbone, feature_levels(config) if config.backbone in LAST_FEATURE_LEVEL else [])
-    if config.n_scales < 1 or config.image_size // 2 ** (config.n_scales - 1) < 32:
-        raise ValueError("image_size / 2^(n_scales - 1) must be at least 32 pixels")
+    require_at_least_one(config, ("n_scales",))
+    smallest = 32 * 2 ** (config.n_scales - 1)
+    if config.image_size < smallest:
+        raise ValueError(f"image_size must be at least {smallest} with n_scales={config.n_scales} (the smallest "
+                         f"scale, image_size / 2^(n_scales - 1), at least 32 pixels), not {config.image_size}")
     positive = ("train_transforms", "test_transforms", "map_transforms", "n_blocks", "hidden",
                 "n_hidden", "epochs", "batch_size", "extract_batch")
     require_at_least_one(config, positive)
-    if not (0 <= config.brightness < 1 and 0 <= config.contrast < 1):
-        raise ValueError("brightness and contrast must be in [0, 1)")
+    jitter = Range(0, 1, high_open=True, why="factors drawn from [1 - x, 1 + x]")
+    require_in(config, {"brightness": jitter, "contrast": jitter, "clamp": POSITIVE, "lr": POSITIVE,
+                        "map_sigma": blur_range(config.image_size)})
     require_choice(config, "score", SCORES)
-    if config.clamp <= 0 or config.lr <= 0 or config.map_sigma < 0:
-        raise ValueError("clamp and lr must be positive, map_sigma non-negative")

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adqueue.detectors.settings import require_at_least_one, require_grey_or_rgb
+from adqueue.detectors.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    blur_range,
+    require_at_least_one,
+    require_grey_or_rgb,
+    require_in,
+)
 
 
 @dataclass
@@ -44,11 +52,8 @@ def validate(config: EBMConfig) -> None:
     if config.norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2 (L1 or L2), not {config.norm}")
     require_at_least_one(config, ("width", "iterations", "batch_size", "negatives", "sgld_steps"))
-    for name in ("sgld_step_size", "lr"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be > 0, not {getattr(config, name)}")
-    for name in ("sgld_noise", "data_noise", "alpha", "grad_clip", "map_sigma", "replay_buffer"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, not {getattr(config, name)}")
-    if not 0.0 <= config.replay_reinit <= 1.0:
-        raise ValueError(f"replay_reinit must be in [0, 1], not {config.replay_reinit}")
+    require_in(config, {
+        "sgld_step_size": POSITIVE, "lr": POSITIVE, "sgld_noise": NON_NEGATIVE, "data_noise": NON_NEGATIVE,
+        "alpha": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "replay_buffer": NON_NEGATIVE, "replay_reinit": SHARE,
+        "map_sigma": blur_range(config.image_size),
+    })

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adqueue.detectors.settings import require_at_least_one, require_choice, require_grey_or_rgb
+from adqueue.detectors.settings import (
+    POSITIVE,
+    blur_range,
+    require_at_least_one,
+    require_choice,
+    require_grey_or_rgb,
+    require_in,
+)
 
 MAPS = ("gradient", "reconstruction")
 # Label-preserving views of a tile: "flips" keeps the orientation of directional textures (the
@@ -53,13 +60,12 @@ def validate(config: EncoderFlowConfig) -> None:
         raise ValueError(f"image_size must be a power of two >= 16 (the encoder halves it to 4), not {size}")
     require_grey_or_rgb(config)
     if config.latent_dim < 2:
-        raise ValueError("latent_dim must be at least 2: the coupling flow splits the latent in two")
+        raise ValueError(f"latent_dim must be at least 2 (the coupling flow splits the latent in two), "
+                         f"not {config.latent_dim}")
     positive = ("width", "max_width", "ae_epochs", "ae_batch_size", "flow_blocks", "flow_hidden",
                 "flow_layers", "flow_epochs", "flow_batch_size")
     require_at_least_one(config, positive)
-    if config.ae_lr <= 0 or config.flow_lr <= 0 or config.flow_clamp <= 0:
-        raise ValueError("ae_lr, flow_lr and flow_clamp must be positive")
-    if config.map_sigma < 0:
-        raise ValueError(f"map_sigma must be non-negative, not {config.map_sigma}")
+    require_in(config, {"ae_lr": POSITIVE, "flow_lr": POSITIVE, "flow_clamp": POSITIVE,
+                        "map_sigma": blur_range(config.image_size)})
     for key, allowed in (("augment", tuple(AUGMENTS)), ("map", MAPS), ("threshold_rule", THRESHOLD_RULES)):
         require_choice(config, key, allowed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adqueue.detectors.components.backbone_specs import check_levels, default_levels
+from adqueue.detectors.settings import Range, blur_range, require_at_least_one, require_in
 
 
 @dataclass
@@ -46,7 +47,9 @@ def validate(config: MVGConfig) -> None:
     check_levels(config.backbone, config.map_levels)
     for name in ("variance", "map_variance"):
         value = getattr(config, name)
-        if value is not None and not 0.0 < value <= 1.0:
+        if value is not None and value not in Range(0, 1, low_open=True):
             raise ValueError(f"{name} must be in (0, 1] or 'all', not {value}")
-    if config.local_samples < 1 or config.batch_size < 1 or config.image_size < 32:
-        raise ValueError("local_samples and batch_size must be >= 1 and image_size >= 32")
+    require_at_least_one(config, ("local_samples", "batch_size"))
+    if config.image_size < 32:
+        raise ValueError(f"image_size must be at least 32, not {config.image_size}")
+    require_in(config, {"map_sigma": blur_range(config.image_size)})

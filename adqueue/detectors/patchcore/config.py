@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, check_levels, default_levels
-from adqueue.detectors.settings import require_at_least_one
+from adqueue.detectors.settings import Range, blur_range, require_at_least_one, require_in
 
 
 @dataclass
@@ -78,18 +78,15 @@ def validate(config: PatchCoreConfig) -> None:
     check_levels(config.backbone, config.global_levels)
     if len(set(config.levels)) != len(config.levels) or len(set(config.global_levels)) != len(config.global_levels):
         raise ValueError(f"levels must not repeat, not {config.levels} / {config.global_levels}")
-    if config.global_weight < 0:
-        raise ValueError(f"global_weight must be 0 (patch score only) or positive, not {config.global_weight}")
-    if not 0.0 < config.global_variance <= 1.0:
-        raise ValueError(f"global_variance must be in (0, 1], not {config.global_variance}")
-    if config.level_dim < 0:
-        raise ValueError(f"level_dim must be 0 (each level's own channels) or positive, not {config.level_dim}")
     require_at_least_one(config, ("neighbourhood", "projection_dim", "neighbours", "batch_size"))
     if config.neighbourhood % 2 == 0:
         raise ValueError(f"neighbourhood must be odd (a centred p x p window), not {config.neighbourhood}")
-    if config.bank_limit < 0:
-        raise ValueError(f"bank_limit must be 0 (no limit) or positive, not {config.bank_limit}")
-    if not 0.0 < config.coreset_fraction <= 1.0:
-        raise ValueError(f"coreset_fraction must be in (0, 1], not {config.coreset_fraction}")
-    if config.image_size < 32 or min(config.map_sigma, config.score_sigma) < 0:
-        raise ValueError("image_size must be >= 32; map_sigma and score_sigma non-negative")
+    if config.image_size < 32:
+        raise ValueError(f"image_size must be at least 32, not {config.image_size}")
+    share = Range(0, 1, low_open=True)
+    require_in(config, {
+        "global_weight": Range(0, why="0: the patch score only"), "global_variance": share,
+        "level_dim": Range(0, why="0: each level's own channels"), "bank_limit": Range(0, why="0: no limit"),
+        "coreset_fraction": share, "map_sigma": blur_range(config.image_size),
+        "score_sigma": blur_range(config.image_size, "patches"),
+    })
