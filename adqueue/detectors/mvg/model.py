@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adqueue.core.progress import Progress
-from adqueue.detectors.base import Detector, FitResult, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
 from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
@@ -49,7 +49,7 @@ class MVGDetector(Detector):
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in cfg.levels}
         local: dict[int, list[np.ndarray]] = {level: [] for level in cfg.map_levels}
         loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=False)
-        progress.phase("extracting features", len(images))  # type: ignore[arg-type]
+        progress.phase("extracting features", dataset_size(images))
         for batch in loader:
             features = self._features(batch)
             for level in cfg.levels:

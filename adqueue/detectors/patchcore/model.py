@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from adqueue.core.progress import Progress
-from adqueue.detectors.base import Detector, FitResult, Scores
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset
 from adqueue.detectors.components.gaussian import LevelGaussians, out_of_fold_distances
@@ -110,7 +110,7 @@ class PatchCoreDetector(Detector):
     def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult:
         cfg = self.config
         loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=False)
-        progress.phase("extracting patch features", len(images))  # type: ignore[arg-type]
+        progress.phase("extracting patch features", dataset_size(images))
         chunks, pooled = [], []
         for batch in loader:
             maps = self._backbone_maps(batch)
