@@ -33,7 +33,7 @@ from adqueue.pipeline.model_files import LoadedModel
 from adqueue.pipeline.score import eval_maps_bytes, heatmap_key, remove_heatmaps, score_items
 from adqueue.runners.lease import LeasedRun, Outcome
 from adqueue.store.models import JobKind, RunOutcome
-from adqueue.store.queries import other_shard_runs, shard_job_id
+from adqueue.store.queries import other_shard_runs, shard_closed_by, shard_job_id
 from adqueue.store.transitions import (
     ClaimedShard,
     Unwritten,
@@ -106,6 +106,8 @@ class ShardRun(LeasedRun[ClaimedShard]):
             return won
 
         won = ctx.store.transaction(close, retry_s=DB_RETRY_S)
+        if not won and ctx.store.transaction(lambda session: shard_closed_by(session, held.shard_id, held.run_id)):
+            won = True  # a retry after a commit whose reply was lost (a database restart): it is ours
         if not won:
             remove_heatmaps(ctx.data_dir, output.rows)  # no row of this run was written to point to them
             raise LeaseLost(f"shard {held.shard_id} (job {held.job_id}) lost its lease before its results were "

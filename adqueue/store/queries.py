@@ -248,6 +248,12 @@ def shard_job_id(session: Session, shard_id: int) -> int | None:
     return session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
 
 
+def shard_closed_by(session: Session, shard_id: int, run_id: int) -> bool:
+    """Whether `run_id` is the run that closed the shard."""
+    return bool(session.scalar(select(func.count()).select_from(Shard).where(
+        Shard.id == shard_id, Shard.run_id == run_id, Shard.status.in_((ShardStatus.DONE, ShardStatus.FAILED)))))
+
+
 def other_shard_runs(session: Session, shard_id: int, run_id: int) -> list[int]:
     """The runs of a shard other than `run_id` (earlier attempts, dead or lost)."""
     return list(session.scalars(select(Run.id).where(Run.shard_id == shard_id, Run.id != run_id)))
