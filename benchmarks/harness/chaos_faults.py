@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -97,7 +98,7 @@ def poison_messages(d: ChaosDeployment, dump_source: Path) -> Outcome:
     client = redis.Redis.from_url(d.redis.url)
     queue = d.env["ADQUEUE_QUEUE"]
     client.delete(f"{queue}.dead")
-    fault = time.monotonic()
+    fault, fault_utc = time.monotonic(), datetime.now(UTC)
     client.lpush(queue, "[1,2,3]")
     client.lpush(queue, "this is not json")
     ended = d.wait_end(job)
@@ -111,7 +112,9 @@ def poison_messages(d: ChaosDeployment, dump_source: Path) -> Outcome:
          f"dead letters {dead}"),
         (reconciled.returncode != 0, f"reconcile exited {reconciled.returncode}: {reconciled.stderr[-300:]}"),
     ) if bad]
-    outcome = d.outcome("poison queue entries ([1,2,3], not JSON)", job, files, fault, ended,
+    # Nothing to heal: the bound is on any delay beyond the scoring still owed when they were pushed.
+    work = d.busy_seconds(job, fault_utc)
+    outcome = d.outcome("poison queue entries ([1,2,3], not JSON)", job, files, fault, ended, work_s=work,
                         note=f"{alive} workers alive after; {len(dead)} entries in {queue}.dead; "
                              f"reconcile exit {reconciled.returncode}, dead_letters={report.get('dead_letters')}")
     client.delete(f"{queue}.dead")
