@@ -132,7 +132,7 @@ def postgres_away_under_wait(d: ChaosDeployment, dump_source: Path) -> Outcome:
     job = wait_until(lambda: d.query(lambda s: s.scalar(select(func.max(Job.id)).where(
         Job.source == str(dump.resolve())))), 60, "the job", interval=0.05)
     d.wait_shards(job, lambda c: c.get("done", 0) >= 1)
-    fault = time.monotonic()
+    fault, fault_utc = time.monotonic(), datetime.now(UTC)
     d.postgres.kill()
     time.sleep(PG_OUTAGE_S)
     d.postgres.start()
@@ -146,8 +146,11 @@ def postgres_away_under_wait(d: ChaosDeployment, dump_source: Path) -> Outcome:
         (waiter.returncode != 0, f"--wait exited {waiter.returncode}: {stderr.strip().splitlines()[-1:]}"),
         (lost != 1 or regained != 1, f"said lost {lost}x, back {regained}x"),
     ) if bad]
+    work = d.busy_seconds(job, fault_utc)  # most of the job's scoring comes after the outage
     outcome = d.outcome(f"PostgreSQL SIGKILLed {PG_OUTAGE_S:.0f} s under score --wait", job, files, fault, ended,
-                        healer_from=back, note=f"--wait exit {waiter.returncode}; said lost {lost}x, back {regained}x")
+                        healer_from=back, work_s=work,
+                        note=f"--wait exit {waiter.returncode}; said lost {lost}x, back {regained}x; "
+                             f"{work:.1f} s of scoring after it")
     return _failed_checks(outcome, problems)
 
 
