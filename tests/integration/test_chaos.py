@@ -1,6 +1,9 @@
 """Every fault scenario of benchmarks/chaos.py, on SQLite and on PostgreSQL: the job ends `done`
-with exactly one row per file, no shard's rows written by two runs, within two lease periods
-plus the reconciler interval of the fault (or of a worker being there to heal it)."""
+with exactly one row per file, no shard's rows written by two runs, `started_at` set, every row's
+heat map there and its own run's, within two lease periods plus the reconciler interval of the
+fault (or of a worker being there to heal it). The scenarios of harness/chaos_faults.py check
+their own fault too (a full tmpfs, poison entries, PostgreSQL dead under `score --wait` for
+ADQUEUE_CHAOS_PG_OUTAGE seconds, default 60; Redis killed mid-submission; SIGQUIT)."""
 
 from __future__ import annotations
 
