@@ -7,6 +7,8 @@ writes nothing, and the rows of a shard are written in the same transaction as i
 completion. An exception releases the shard for another attempt, up to `max_attempts`, after which
 its images get error rows and the shard is failed, so a poisoned shard cannot loop forever; a
 missing or broken model file fails the whole job at once instead, since no retry can fix it.
+Files are not a reason to fail: heat maps and evaluation maps a full disk kept from being written
+are counted on the job (note_unwritten_files, in the completion's transaction) and the scores kept.
 """
 
 from __future__ import annotations
