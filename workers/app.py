@@ -9,9 +9,13 @@ A redelivered message whose work is held by a live lease runs nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_init
 
 from adqueue.core.config import Settings
+from adqueue.workers.transport import TRANSPORT
 
 TASK_TRAIN = "adqueue.train"
 TASK_SCORE_SHARD = "adqueue.score_shard"
@@ -24,6 +28,9 @@ def make_app(settings: Settings, *, producer: bool = False) -> Celery:
         raise ValueError("a Celery app needs a broker URL (ADQUEUE_BROKER_URL or --broker)")
     app = Celery("adqueue", broker=settings.broker_url, include=[] if producer else ["adqueue.workers.tasks"],
                  set_as_current=not producer)
+    if not producer:
+        # A malformed queue entry is moved aside, not an "unrecoverable error" that stops the worker.
+        app.conf.broker_transport = TRANSPORT
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -52,3 +59,16 @@ def make_app(settings: Settings, *, producer: bool = False) -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run `celery worker` in this process; its exit status (app.worker_main() drops it: a worker
+    stopped by an unrecoverable error would exit 0)."""
+    controllers: list[Any] = []
+
+    def keep(sender: Any, **_: Any) -> None:
+        controllers.append(sender)
+
+    worker_init.connect(keep, weak=False)
+    app.worker_main(argv)
+    return int(getattr(controllers[-1], "exitcode", None) or 0) if controllers else 0

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from adqueue.core.config import Settings
 from adqueue.core.errors import BrokerUnavailable
 from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN, make_app
+from adqueue.workers.transport import dead_letter_list
 
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3.0}
 _KINDS = {TASK_SCORE_SHARD: "shard", TASK_TRAIN: "train", TASK_FINISH: "finish"}
@@ -48,12 +50,16 @@ class CeleryDispatcher:
         pass  # workers take it from here
 
     def _send(self, task: str, ids: Iterable[int], countdown: float = 0.0) -> None:
-        with self.app.producer_or_acquire() as producer:
-            for one in ids:
-                self.app.send_task(
-                    task, args=[one], queue=self.queue, producer=producer, countdown=countdown or None,
-                    retry=True, retry_policy=_RETRY_POLICY,
-                )
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for one in ids:
+                    self.app.send_task(
+                        task, args=[one], queue=self.queue, producer=producer, countdown=countdown or None,
+                        retry=True, retry_policy=_RETRY_POLICY,
+                    )
+        except (KombuOperationalError, redis.RedisError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BrokerUnavailable(f"lost the broker at {self.settings.broker_url} while sending: {reason}") from None
 
     def _lists(self) -> list[str]:
         assert self.queue is not None
@@ -76,31 +82,45 @@ class CeleryDispatcher:
             _collect(message, found)
         return found
 
-    def _waiting(self) -> Iterable[dict[str, Any]]:
+    def dead_letters(self) -> int:
+        """Entries the workers moved aside as malformed (workers/transport.py)."""
+        assert self.queue is not None
+        return int(self._redis.llen(dead_letter_list(self.queue)))
+
+    def _waiting(self) -> Iterable[Any]:
         for key in self._lists():
             start = 0
             while chunk := self._redis.lrange(key, start, start + _SCAN_CHUNK - 1):
-                yield from (json.loads(raw) for raw in chunk)
+                yield from (_parsed(raw) for raw in chunk)
                 start += _SCAN_CHUNK
 
-    def _unacked(self) -> Iterable[dict[str, Any]]:
+    def _unacked(self) -> Iterable[Any]:
         for raw in self._redis.hvals("unacked"):
-            message, _exchange, routing_key = json.loads(raw)
-            if routing_key == self.queue:
-                yield message
+            entry = _parsed(raw)
+            if isinstance(entry, list) and len(entry) == 3 and entry[2] == self.queue:
+                yield entry[0]
 
 
-def _collect(message: dict[str, Any], found: dict[str, set[int]]) -> None:
-    kind = _KINDS.get(message.get("headers", {}).get("task", ""))
+def _parsed(raw: bytes | str) -> Any:
+    """A queue entry as JSON; None for one that is not (anyone can push anything onto a list)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _collect(message: Any, found: dict[str, set[int]]) -> None:
+    headers = message.get("headers") if isinstance(message, dict) else None
+    kind = _KINDS.get(headers.get("task", "")) if isinstance(headers, dict) else None
     if kind is None:
-        return
+        return  # not one of our messages: counted as waiting, never parsed further
     try:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
         found[kind].add(int(args[0]))
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         pass  # not one of ours after all
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from celery.worker import state as worker_state
 
 from adqueue.runners.finish import run_finish
 from adqueue.runners.shard import run_shard
@@ -13,6 +14,12 @@ from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN
 from adqueue.workers.runtime import current_runtime
 
 log = logging.getLogger(__name__)
+
+
+def _cold_shutdown() -> bool:
+    """Celery's cold shutdown (SIGQUIT) raises into the running task (the solo pool "does not
+    implement kill_job"); by then it has set this flag."""
+    return bool(worker_state.should_terminate)
 
 
 @shared_task(name=TASK_TRAIN, ignore_result=True)
@@ -26,7 +33,8 @@ def train(job_id: int) -> str:
 @shared_task(name=TASK_SCORE_SHARD, ignore_result=True)
 def score_shard(shard_id: int) -> str:
     runtime = current_runtime()
-    outcome = run_shard(runtime.ctx, shard_id, models=runtime.models, worker=runtime.name, dispatcher=runtime.dispatcher)
+    outcome = run_shard(runtime.ctx, shard_id, models=runtime.models, worker=runtime.name,
+                        dispatcher=runtime.dispatcher, stopping=_cold_shutdown)
     log.info("shard %s: %s", shard_id, outcome.value)
     return outcome.value
 

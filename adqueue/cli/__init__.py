@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from adqueue.cli.output import log_to_terminal
 from adqueue.core.config import Settings
-from adqueue.core.errors import AdqueueError, Interrupted, JobStalled
+from adqueue.core.errors import AdqueueError, DatabaseUnreachable, Interrupted, JobStalled
 
 EPILOG = """\b
 Without --broker (or ADQUEUE_BROKER_URL) everything runs in this process
@@ -34,7 +34,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except JobStalled as exc:
+        except (JobStalled, DatabaseUnreachable) as exc:  # each with its own documented exit status
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except AdqueueError as exc:

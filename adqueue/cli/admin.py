@@ -36,7 +36,7 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
     os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)
     os.environ["ADQUEUE_WORKER_QUEUES"] = queues or settings.queue
     import adqueue.workers.reconciler  # noqa: F401 - its signal handlers start the periodic reconciler
-    from adqueue.workers.app import make_app
+    from adqueue.workers.app import make_app, run_worker
     from adqueue.workers.producer import check_broker
 
     check_broker(settings.broker_url or "")
@@ -51,7 +51,9 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
         "--without-gossip",
         "--without-mingle",
     ]
-    app.worker_main(argv)
+    status = run_worker(app, argv)
+    if status:  # an unrecoverable error: non-zero, so a supervisor (docker compose) restarts it
+        ctx.exit(status)
 
 
 @cli.group()

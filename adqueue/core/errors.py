@@ -52,6 +52,12 @@ class JobStalled(AdqueueError):
     exit_code = 3
 
 
+class DatabaseUnreachable(AdqueueError):
+    """`--wait` lost the database and it stayed away past the stall timeout."""
+
+    exit_code = 4
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGHUP in a process running a job itself (the embedded default).
 

@@ -33,6 +33,8 @@ class Outbox(Dispatcher, Protocol):
 
     def message_ids(self) -> dict[str, set[int]]: ...  # "shard" / "train" / "finish" -> ids
 
+    def dead_letters(self) -> int: ...  # malformed entries the workers moved aside
+
 
 class ScoreProgress(Protocol):
     """Where an in-process run of a sharded job reports its images (a terminal bar, or nothing)."""

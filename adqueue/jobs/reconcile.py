@@ -61,6 +61,10 @@ class ReconcileReport:
     embedded_stopped: int = 0
     messages_sent: int = 0
     messages_resent: int = 0
+    dead_letters: int = 0  # malformed queue entries workers moved aside (`<queue>.dead`): a state, not a change
+
+    def changed(self) -> bool:
+        return any(value for name, value in self.as_dict().items() if name != "dead_letters")
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -83,7 +87,7 @@ def reconcile(
     for queue, dispatcher in dispatchers.items():
         if queue is not None:
             _outbox(ctx, queue, cast(Outbox, dispatcher), now, report)  # a queue's dispatcher reads it back too
-    if any(report.as_dict().values()):
+    if report.changed():
         log.info("reconciler: %s", report.describe())
     return report
 
@@ -155,6 +159,7 @@ def _complete_jobs(ctx: Context, dispatchers: Mapping[str | None, Dispatcher], r
 
 
 def _outbox(ctx: Context, queue: str, outbox: Outbox, now: datetime, report: ReconcileReport) -> None:
+    report.dead_letters += outbox.dead_letters()
     # Never sent (requeued by step 1 or 2, or by resume): send now.
     with ctx.store.session() as session:
         owed = queries.owed_messages(session, queue, now, cutoff=None)

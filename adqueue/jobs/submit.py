@@ -226,6 +226,8 @@ def submission_guard(ctx: Context, job_id: int) -> Iterator[None]:
         error = f"submission failed: {exc}; `adqueue resume {job_id}` retries it"
         with ctx.store.session() as session:
             fail_submission(session, job_id, error)
+        if isinstance(exc, AdqueueError):  # the broker lost, a source gone: one line that says what to run
+            raise AdqueueError(f"job {job_id}: {error}") from None
         raise
 
 

@@ -91,15 +91,17 @@ def _pixel_metrics(
     """Pixel AUROC and PRO over images whose ground truth is known (normal, or with a mask)."""
     maps_list: list[np.ndarray] = []
     masks_list: list[np.ndarray] = []
-    files = [file for file in files if file.is_file()]
+    files = [file for file in files if file.is_file()]  # a shard on a full disk saved none
     stride = _stride(files)
     unreadable = 0
+    seen: set[str] = set()
     progress.phase("reading anomaly maps", len(files))
     for file in files:
         progress.advance()
         with np.load(file) as saved:
             for stored_path, amap in zip(saved["paths"], saved["maps"][:, ::stride, ::stride], strict=True):
                 path = str(stored_path)
+                seen.add(path)
                 label = labels.get(path)
                 mask_path = masks.get(path)
                 if label is None or (label == 1 and not mask_path):
@@ -119,6 +121,10 @@ def _pixel_metrics(
                 maps_list.append(amap.astype(np.float32))
                 masks_list.append(truth)
     out: dict[str, float] = {"n_unreadable_masks": float(unreadable)} if unreadable else {}
+    # Pixel metrics need ground truth (a normal image, or a mask) and the image's saved map.
+    truth_known = {path for path, label in labels.items() if label == 0 or masks.get(path)}
+    if any(masks.get(path) for path in truth_known) and (missing := len(truth_known - seen)):
+        out["n_images_without_maps"] = float(missing)
     if not maps_list or not any(mask.any() for mask in masks_list):
         return out
     maps = np.stack(maps_list)

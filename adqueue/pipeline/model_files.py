@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adqueue.core.datadir import DataDir
-from adqueue.core.errors import ModelUnavailable
+from adqueue.core.errors import AdqueueError, ModelUnavailable
 from adqueue.core.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -61,17 +61,23 @@ def save_model(path: Path, model: ModelFile) -> None:
         "config": json.dumps(model.config),
         "extra": json.dumps(model.extra),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state.items()}
         from safetensors.torch import save_file  # torch: only where a model is written
 
         save_file(tensors, temp, metadata=metadata)
         os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full or read-only disk: one line for the job, no half file left
+            raise AdqueueError(f"cannot write the model file {path}: {exc.strerror or exc}") from None
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own wrapping of the same I/O errors
+            raise AdqueueError(f"cannot write the model file {path}: {exc}") from None
         raise
 
 

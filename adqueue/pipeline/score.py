@@ -33,6 +33,8 @@ class ScoredItems:
     rows: list[dict[str, Any]] = field(default_factory=list)
     n_ok: int = 0
     maps: dict[str, np.ndarray] | None = None  # path -> float32 [H, W], evaluate jobs only
+    heatmaps_unwritten: int = 0  # heat maps that could not be written (their rows keep the score)
+    unwritten_reason: str | None = None  # why the last one was not, e.g. "No space left on device"
 
 
 def score_items(
@@ -41,6 +43,7 @@ def score_items(
     *,
     data_dir: DataDir,
     job_id: int,
+    run_id: int,
     heatmaps: str,
     keep_maps: bool,
     batch_size: int = 32,
@@ -49,11 +52,42 @@ def score_items(
 ) -> ScoredItems:
     """Score `items` in batches of `batch_size`, decoding in background threads: one result row per
     item (a score, or the error that kept it from one), heat-map PNGs under `data_dir` for the
-    images `heatmaps` asks for, and (`keep_maps`) every anomaly map for an evaluation."""
+    images `heatmaps` asks for, and (`keep_maps`) every anomaly map for an evaluation.
+
+    A heat map that cannot be written (a full disk) costs only itself: its row keeps its score with
+    no heat map, and the output counts it. If scoring stops with an exception (the lease lost, a
+    crash), the heat maps this run wrote are removed again: no row will point to them."""
+    writes: list[tuple[dict[str, Any], Future[str | None]]] = []
+    try:
+        output = _score(loaded, items, data_dir=data_dir, job_id=job_id, run_id=run_id, heatmaps=heatmaps,
+                        keep_maps=keep_maps, batch_size=batch_size, max_bytes=max_bytes, on_batch=on_batch,
+                        writes=writes)
+    except BaseException:
+        remove_heatmaps(data_dir, [row for row, _ in writes])
+        raise
+    return output
+
+
+def heatmap_key(path: str) -> str:
+    """The file name part of an image's heat map: short, safe, one per path."""
+    return hashlib.sha256(path.encode()).hexdigest()[:24]
+
+
+def remove_heatmaps(data_dir: DataDir, rows: list[dict[str, Any]]) -> None:
+    """Delete the heat maps `rows` point to (rows that will never be written)."""
+    for row in rows:
+        if row.get("heatmap_path"):
+            data_dir.resolve(row["heatmap_path"]).unlink(missing_ok=True)
+
+
+def _score(
+    loaded: LoadedModel, items: list[Item], *, data_dir: DataDir, job_id: int, run_id: int, heatmaps: str,
+    keep_maps: bool, batch_size: int, max_bytes: int, on_batch: Callable[[int], None] | None,
+    writes: list[tuple[dict[str, Any], Future[str | None]]],
+) -> ScoredItems:
     detector = loaded.detector
     want_maps = keep_maps or heatmaps != "none"
     output = ScoredItems(maps={} if keep_maps else None)
-    writes: list[Future[None]] = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
         stream = load_stream(items, detector.preprocess, max_bytes=max_bytes)
         for batch in batched(stream, batch_size):
@@ -75,15 +109,19 @@ def score_items(
                     if output.maps is not None and amap is not None:
                         output.maps[entry.item.path] = kept_map(amap)
                     if amap is not None and _wants_heatmap(heatmaps, row["is_anomaly"]):
-                        key = hashlib.sha256(entry.item.path.encode()).hexdigest()[:24]
-                        target = data_dir.heatmap_file(job_id, key)
+                        target = data_dir.heatmap_file(job_id, heatmap_key(entry.item.path), run_id)
                         row["heatmap_path"] = data_dir.relative(target)
-                        writes.append(painter.submit(_write_heatmap, entry.item.path, amap, loaded.map_range, target))
+                        writes.append((row, painter.submit(_write_heatmap, entry.item.path, amap, loaded.map_range,
+                                                           target)))
                 output.rows.append(row)
             if on_batch is not None:
                 on_batch(len(batch))
-        for write in writes:
-            write.result()
+    for row, write in writes:
+        reason = write.result()
+        if reason is not None:
+            row["heatmap_path"] = None
+            output.heatmaps_unwritten += 1
+            output.unwritten_reason = reason
     return output
 
 
@@ -149,12 +187,17 @@ def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
     return mode == "all" or (mode == "flagged" and bool(is_anomaly))
 
 
-def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> None:
+def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> str | None:
+    """Paint and write one heat map; None if written, else why not (the score stands either way)."""
     try:
         original = read_image(to_os(path), channels=3, size=None).pixels
     except ImageError:
-        return  # the file changed under us; the score stands, the overlay is skipped
-    atomic_write_bytes(target, render_overlay(original, amap, map_range))
+        return "the image changed while it was scored"
+    try:
+        atomic_write_bytes(target, render_overlay(original, amap, map_range))
+    except OSError as exc:  # a full or read-only disk: atomic_write_bytes left nothing behind
+        return exc.strerror or str(exc)
+    return None
 
 
 def eval_maps_bytes(maps_by_path: dict[str, np.ndarray]) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
@@ -32,6 +33,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"  # closed, or held by a live run: a duplicate delivery
     LOST = "lost"  # the lease was lost mid-run (cancelled, or expired and taken over): nothing written
     JOB_FAILED = "job_failed"  # a permanent error (the model file) failed the whole job
+    INTERRUPTED = "interrupted"  # the process is shutting down: released, the attempt not counted
 
 
 class Held(Protocol):
@@ -50,8 +52,11 @@ H = TypeVar("H", bound=Held)
 class LeasedRun(ABC, Generic[H]):
     """The sequence every leased piece of work follows; subclasses fill in its steps."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, stopping: Callable[[], bool] | None = None) -> None:
         self.ctx = ctx
+        # Whether this process is being shut down: an exception then is the shutdown's doing (a
+        # worker's cold shutdown raises into the running task), not a failed attempt.
+        self.stopping = stopping or (lambda: False)
 
     @abstractmethod
     def claim(self, session: Session) -> H | None:
@@ -99,6 +104,10 @@ class LeasedRun(ABC, Generic[H]):
             self.lost(held, exc)
             return Outcome.LOST
         except Exception as exc:  # noqa: BLE001 - recorded by the run's own policy, never lost in a log only
+            if self.stopping():
+                log.warning("stopped by a shutdown (%s: %s); this attempt is not counted", type(exc).__name__, exc)
+                self.interrupted(held)
+                return Outcome.INTERRUPTED
             return self.failed(held, exc)
         except BaseException:
             self.interrupted(held)

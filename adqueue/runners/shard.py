@@ -7,6 +7,8 @@ writes nothing, and the rows of a shard are written in the same transaction as i
 completion. An exception releases the shard for another attempt, up to `max_attempts`, after which
 its images get error rows and the shard is failed, so a poisoned shard cannot loop forever; a
 missing or broken model file fails the whole job at once instead, since no retry can fix it.
+Files are not a reason to fail: heat maps and evaluation maps a full disk kept from being written
+are counted on the job (note_unwritten_files, in the completion's transaction) and the scores kept.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from adqueue.core.clock import utcnow
@@ -28,17 +32,19 @@ from adqueue.jobs.finishing import after_shard_closed
 from adqueue.jobs.leases import DB_RETRY_S, Lease, LeaseLost, lease_until
 from adqueue.jobs.ports import Dispatcher
 from adqueue.pipeline.model_files import LoadedModel
-from adqueue.pipeline.score import eval_maps_bytes, score_items
+from adqueue.pipeline.score import eval_maps_bytes, heatmap_key, remove_heatmaps, score_items
 from adqueue.runners.lease import LeasedRun, Outcome
 from adqueue.store.models import JobKind, RunOutcome
-from adqueue.store.queries import shard_job_id
+from adqueue.store.queries import other_shard_runs, shard_closed_by, shard_job_id
 from adqueue.store.transitions import (
     ClaimedShard,
+    Unwritten,
     claim_shard,
     complete_shard,
     end_run,
     fail_job,
     give_up_shard,
+    note_unwritten_files,
     release_shard,
     renew_shard_lease,
 )
@@ -52,8 +58,8 @@ ModelProvider = Callable[[int], LoadedModel]
 
 class ShardRun(LeasedRun[ClaimedShard]):
     def __init__(self, ctx: Context, shard_id: int, *, models: ModelProvider, worker: str, dispatcher: Dispatcher,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        super().__init__(ctx)
+                 on_batch: Callable[[int], None] | None = None, stopping: Callable[[], bool] | None = None) -> None:
+        super().__init__(ctx, stopping=stopping)
         self.shard_id = shard_id
         self.models = models
         self.worker = worker
@@ -87,24 +93,56 @@ class ShardRun(LeasedRun[ClaimedShard]):
 
         output = score_items(
             loaded, [Item.from_row(row) for row in held.items], data_dir=ctx.data_dir, job_id=held.job_id,
-            heatmaps=str(held.job_params.get("heatmaps", "flagged")), keep_maps=held.job_kind == JobKind.EVALUATE,
+            run_id=held.run_id, heatmaps=str(held.job_params.get("heatmaps", "flagged")),
+            keep_maps=held.job_kind == JobKind.EVALUATE,
             batch_size=ctx.settings.batch_size, max_bytes=ctx.settings.max_file_bytes, on_batch=batch_done,
         )
+        unwritten = Unwritten(output.heatmaps_unwritten, 0, output.unwritten_reason)
         if output.maps is not None:
-            # Named by run: a copy that lost its lease cannot overwrite the maps of the run that closed it.
-            atomic_write_bytes(ctx.data_dir.eval_maps_file(held.job_id, held.seq, held.run_id),
-                               eval_maps_bytes(output.maps))
-        won = ctx.store.transaction(lambda session: complete_shard(
-            session, held, output.rows, n_ok=output.n_ok, n_failed=len(output.rows) - output.n_ok),
-            retry_s=DB_RETRY_S)
+            unwritten = self._write_eval_maps(held, output.maps, unwritten)
+
+        def close(session: Session) -> bool:
+            won = complete_shard(session, held, output.rows, n_ok=output.n_ok, n_failed=len(output.rows) - output.n_ok)
+            if won and unwritten:
+                note_unwritten_files(session, held.job_id, unwritten)
+            return won
+
+        won = ctx.store.transaction(close, retry_s=DB_RETRY_S)
+        if not won and ctx.store.transaction(lambda session: shard_closed_by(session, held.shard_id, held.run_id)):
+            won = True  # a retry after a commit whose reply was lost (a database restart): it is ours
         if not won:
+            remove_heatmaps(ctx.data_dir, output.rows)  # no row of this run was written to point to them
             raise LeaseLost(f"shard {held.shard_id} (job {held.job_id}) lost its lease before its results were "
                             "written (cancelled, or taken over after it expired)")
         return Outcome.DONE
 
+    def _write_eval_maps(self, held: ClaimedShard, maps: dict[str, np.ndarray], unwritten: Unwritten) -> Unwritten:
+        """Named by run: a copy that lost its lease cannot overwrite the maps of the run that closed
+        it. A full disk costs the pixel metrics these images, not the shard's scores."""
+        target = self.ctx.data_dir.eval_maps_file(held.job_id, held.seq, held.run_id)
+        try:
+            atomic_write_bytes(target, eval_maps_bytes(maps))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            log.error("shard %s (job %s): the anomaly maps of %d image(s) were not written: %s", held.shard_id,
+                      held.job_id, len(maps), reason)
+            return replace(unwritten, eval_maps=len(maps), reason=reason)
+        return unwritten
+
     def completed(self, held: ClaimedShard) -> None:
         failpoint("shard.committed")
+        if held.attempts > 1:
+            self._sweep_earlier_runs(held)
         after_shard_closed(self.ctx, held.job_id, self.dispatcher)
+
+    def _sweep_earlier_runs(self, held: ClaimedShard) -> None:
+        """Heat maps an earlier run of this shard left behind (its worker died mid-shard): no row
+        points to them, since the rows are this run's."""
+        earlier = self.ctx.store.transaction(lambda session: other_shard_runs(session, held.shard_id, held.run_id))
+        keys = [heatmap_key(row[0]) for row in held.items]
+        for run_id in earlier:
+            for key in keys:
+                self.ctx.data_dir.heatmap_file(held.job_id, key, run_id).unlink(missing_ok=True)
 
     def give_up(self, held: ClaimedShard, error: str) -> Outcome:
         """Fail the shard, with an error row for each of its images so none goes missing."""
@@ -138,11 +176,15 @@ class ShardRun(LeasedRun[ClaimedShard]):
         return Outcome.RETRY
 
     def interrupted(self, held: ClaimedShard) -> None:
-        """Ctrl-C or a signal in an embedded run: this attempt does not count."""
+        """Ctrl-C or a signal in an embedded run, a worker's cold shutdown: this attempt does not
+        count, and the reconciler sends the shard's message again."""
         with self.ctx.store.session() as session:
             release_shard(session, held, "interrupted", retry_at=None, counted=False)
 
 
 def run_shard(ctx: Context, shard_id: int, *, models: ModelProvider, worker: str, dispatcher: Dispatcher,
-              on_batch: Callable[[int], None] | None = None) -> Outcome:
-    return ShardRun(ctx, shard_id, models=models, worker=worker, dispatcher=dispatcher, on_batch=on_batch).run()
+              on_batch: Callable[[int], None] | None = None, stopping: Callable[[], bool] | None = None) -> Outcome:
+    """Score one shard. `stopping`: whether this process is shutting down (an exception then
+    releases the shard without counting the attempt)."""
+    return ShardRun(ctx, shard_id, models=models, worker=worker, dispatcher=dispatcher, on_batch=on_batch,
+                    stopping=stopping).run()

@@ -169,6 +169,10 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None]
     # Files left out by `score --skip-scored`: scored before by this model version, unchanged since.
     n_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    # Files its shards could not write (a full disk): their rows keep their scores without them.
+    n_heatmaps_unwritten: Mapped[int] = mapped_column(Integer, default=0)
+    n_eval_maps_unwritten: Mapped[int] = mapped_column(Integer, default=0)
+    unwritten_reason: Mapped[str | None] = mapped_column(Text)  # the last one's, e.g. "No space left on device"
 
 
 class Shard(Base):

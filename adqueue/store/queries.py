@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from adqueue.core.clock import aware, utcnow
 from adqueue.core.errors import AdqueueError, JobNotFound, ModelNotFound
-from adqueue.store.models import Job, JobKind, JobStatus, Metric, Model, Result, Shard, ShardStatus
+from adqueue.store.models import Job, JobKind, JobStatus, Metric, Model, Result, Run, Shard, ShardStatus
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -66,6 +66,9 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "n_done": job.n_done,
         "n_failed": job.n_failed,
         "n_skipped": job.n_skipped,
+        "n_heatmaps_unwritten": job.n_heatmaps_unwritten,
+        "n_eval_maps_unwritten": job.n_eval_maps_unwritten,
+        "unwritten": unwritten_note(job),
         "phase": job.phase,
         "shards": sum(shard_counts.values()),
         "shards_queued": shard_counts.get(ShardStatus.QUEUED, 0),
@@ -243,6 +246,32 @@ def job_metrics(session: Session, job_id: int) -> dict[str, float | None]:
 
 def shard_job_id(session: Session, shard_id: int) -> int | None:
     return session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+
+
+def shard_closed_by(session: Session, shard_id: int, run_id: int) -> bool:
+    """Whether `run_id` is the run that closed the shard."""
+    return bool(session.scalar(select(func.count()).select_from(Shard).where(
+        Shard.id == shard_id, Shard.run_id == run_id, Shard.status.in_((ShardStatus.DONE, ShardStatus.FAILED)))))
+
+
+def other_shard_runs(session: Session, shard_id: int, run_id: int) -> list[int]:
+    """The runs of a shard other than `run_id` (earlier attempts, dead or lost)."""
+    return list(session.scalars(select(Run.id).where(Run.shard_id == shard_id, Run.id != run_id)))
+
+
+def unwritten_note(job: Job) -> str | None:
+    """What a job's shards could not write, in words: "12 heat maps not written: No space left on device"."""
+    parts = [f"{count} {what} not written" for count, what in (
+        (job.n_heatmaps_unwritten, "heat map(s)"), (job.n_eval_maps_unwritten, "evaluation map(s) (pixel metrics)"))
+        if count]
+    if not parts:
+        return None
+    return "; ".join(parts) + (f": {job.unwritten_reason}" if job.unwritten_reason else "")
+
+
+def job_unwritten_note(session: Session, job_id: int) -> str | None:
+    job = session.get(Job, job_id)
+    return unwritten_note(job) if job is not None else None
 
 
 def submission_progress(session: Session, job_id: int) -> tuple[int, int, str | None]:

@@ -124,10 +124,13 @@ def claim_shard(session: Session, shard_id: int, worker: str, *, lease_until: da
     run_id = _start_run(session, RunKind.SHARD, shard.job_id, worker, now, shard_id=shard_id)
     session.execute(update(Shard).where(Shard.id == shard_id).values(run_id=run_id))
     job = session.get_one(Job, shard.job_id, populate_existing=True)
+    # The first claim starts the job, even one whose submission is still writing shards (it stays
+    # `submitting` until then, with its start time already set).
     session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, started_at=func.coalesce(Job.started_at, now))
+        .where(Job.id == job.id, or_(Job.status == JobStatus.QUEUED, Job.started_at.is_(None)))
+        .values(status=case((Job.status == JobStatus.QUEUED, JobStatus.RUNNING), else_=Job.status),
+                started_at=func.coalesce(Job.started_at, now))
     )
     return ClaimedShard(run_id, shard.id, job.id, shard.seq, shard.attempts, list(shard.items), job.kind,
                         job.model_id, dict(job.params or {}))
@@ -164,6 +167,28 @@ def complete_shard(
     end_run(session, claimed.run_id, RunOutcome.DONE if status == ShardStatus.DONE else RunOutcome.FAILED,
             error, now)
     return True
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """Files a shard's run could not write (a full disk): the rows keep their scores without them."""
+
+    heatmaps: int = 0
+    eval_maps: int = 0  # images whose anomaly maps (for pixel metrics) were not saved
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.heatmaps or self.eval_maps)
+
+
+def note_unwritten_files(session: Session, job_id: int, unwritten: Unwritten) -> None:
+    """Count on the job what a shard could not write, in the transaction that completes the shard."""
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(n_heatmaps_unwritten=Job.n_heatmaps_unwritten + unwritten.heatmaps,
+                n_eval_maps_unwritten=Job.n_eval_maps_unwritten + unwritten.eval_maps,
+                unwritten_reason=unwritten.reason)
+    )
 
 
 def release_shard(session: Session, claimed: ClaimedShard, error: str, *, retry_at: datetime | None,
@@ -294,14 +319,16 @@ def add_shards(session: Session, held: ClaimedJob, first_seq: int, chunks: Seque
 
 
 def end_submission(session: Session, held: ClaimedJob, now: datetime | None = None, skipped: int = 0) -> bool:
-    """Every shard is written: the job is queued (or running, if workers already started)."""
+    """Every shard is written: the job is queued (or running, if workers already started). Its
+    start is the first claim or this, whichever came first."""
     now = now or utcnow()
     started = exists().where(Shard.job_id == held.job_id, Shard.status != ShardStatus.QUEUED)
     total = select(func.coalesce(func.sum(Shard.n_items), 0)).where(Shard.job_id == held.job_id).scalar_subquery()
     won = _changed(session,
         update(Job).where(Job.id == held.job_id, Job.run_id == held.run_id, Job.status == JobStatus.SUBMITTING)
         .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED), n_total=total,
-                submitted_at=now, lease_expires_at=None, attempts=0, n_skipped=Job.n_skipped + skipped)
+                submitted_at=now, lease_expires_at=None, attempts=0, n_skipped=Job.n_skipped + skipped,
+                started_at=func.coalesce(Job.started_at, now))
     )
     if won:
         end_run(session, held.run_id, RunOutcome.DONE, now=now)

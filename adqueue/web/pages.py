@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from adqueue.store.queries import job_unwritten_note
 from adqueue.store.reviews import ReviewError, clean_reviewer, record_review
 from adqueue.store.session import Store
 from adqueue.web import queries as q
@@ -90,10 +91,12 @@ def job_page(request: Request) -> Response:
         errors = q.error_page(session, job_id, errors_page, ERRORS_PER_PAGE)
         folders = q.folder_rates(session, job_id)
         reviews = q.review_counts(session, job_id)
+        unwritten = job_unwritten_note(session, job_id)
     histogram = histogram_svg(edges, night, bin_counts(calibration, edges), threshold) if edges else None
     folder_rows = [(relative_folder(f.folder, job.source), f) for f in folders]
     return _render(request, "job.html", job=job, model=model, histogram=histogram, n_calibration=len(calibration),
-                   flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request))
+                   flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request),
+                   unwritten=unwritten)
 
 
 def model_page(request: Request) -> Response:

@@ -48,6 +48,8 @@ class Outcome:
     seconds: float  # from the fault to the job's end
     bound_s: float | None  # what `seconds` must stay within (from when a worker was there to heal it)
     note: str = ""
+    started: bool = True  # jobs.started_at is set
+    heatmap_faults: int = 0  # rows whose heat map is missing or another run's file
 
     @property
     def in_time(self) -> bool:
@@ -56,7 +58,7 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return (self.status == JobStatus.DONE and self.rows == self.distinct_paths == self.files
-                and self.double_completions == 0 and self.in_time)
+                and self.double_completions == 0 and self.in_time and self.started and self.heatmap_faults == 0)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "ok": self.ok}
@@ -136,7 +138,7 @@ class ChaosDeployment:
         return subprocess.Popen([sys.executable, "-m", "adqueue", *args], env=env or self.env, cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
-    def submit_score(self, dump: Path, shard_size: int) -> int:
+    def submit_score(self, dump: Path, shard_size: int, heatmaps: str = "all") -> int:
         """Submitted from this process, through the job code the CLI calls: it returns the moment
         the shards are queued, so a scenario can watch the job from its very start."""
         from adqueue.jobs.submit import submit_score
@@ -145,7 +147,7 @@ class ChaosDeployment:
         settings = Settings.load(data_dir=self.env["ADQUEUE_DATA_DIR"], database_url=self.env["ADQUEUE_DATABASE_URL"],
                                  broker_url=self.env["ADQUEUE_BROKER_URL"], queue=self.env["ADQUEUE_QUEUE"])
         return submit_score(self.ctx, CeleryDispatcher(settings), model="chaos", data=str(dump),
-                            shard_size=shard_size, heatmaps="all").job_id
+                            shard_size=shard_size, heatmaps=heatmaps).job_id
 
     def score_until(self, dump_source: Path, n_images: int, shard_size: int,
                     until: Callable[[dict[str, int]], bool]) -> tuple[int, int]:
@@ -227,8 +229,19 @@ class ChaosDeployment:
 
         rows, distinct, doubles = self.query(count)
         start = max(fault_at, healer_from or fault_at)
-        return Outcome(scenario, self.database, self.job(job_id).status, files, rows, distinct, doubles,
-                       round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note)
+        job = self.job(job_id)
+        return Outcome(scenario, self.database, job.status, files, rows, distinct, doubles,
+                       round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note,
+                       started=job.started_at is not None, heatmap_faults=self.heatmap_faults(job_id))
+
+    def heatmap_faults(self, job_id: int) -> int:
+        """Rows whose heat map file is missing, or is not their own run's (a run that lost its
+        lease must never have replaced it)."""
+        rows = self.query(lambda s: s.execute(select(Result.heatmap_path, Result.run_id).where(
+            Result.job_id == job_id, Result.heatmap_path.is_not(None))).all())
+        data = Path(self.env["ADQUEUE_DATA_DIR"])
+        return sum(1 for path, run_id in rows
+                   if not (data / path).is_file() or not str(path).endswith(f"-run{run_id}.png"))
 
 
 # --- the scenarios ---------------------------------------------------------------------------------

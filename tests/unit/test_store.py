@@ -18,6 +18,7 @@ from adqueue.store.models import (
     Base,
     Job,
     JobStatus,
+    Model,
     Result,
     Run,
     RunOutcome,
@@ -28,10 +29,14 @@ from adqueue.store.models import (
 from adqueue.store.results import upsert_results
 from adqueue.store.session import Store
 from adqueue.store.transitions import (
+    ClaimedJob,
     ClaimedShard,
+    add_shards,
     cancel_job,
     close_if_complete,
     complete_shard,
+    create_job,
+    end_submission,
     interrupt_job,
     release_shard,
     renew_shard_lease,
@@ -216,3 +221,41 @@ def test_a_store_opened_while_another_process_creates_the_file_waits_for_it(tmp_
     ensure_schema(store)
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def _submission(store: Store) -> tuple[ClaimedJob, list[int]]:
+    with store.session() as session:
+        model = Model(name="started", version=1, detector="mvg", params={}, artifact_path="x", threshold=1.0)
+        session.add(model)
+        session.flush()
+        held = create_job(session, kind="score", source="/d", params={}, model_id=model.id, queue="q",
+                          worker="submitter", lease_until=utcnow() + LEASE)
+    with store.session() as session:
+        ids = add_shards(session, held, 0, [[["/d/a.png", None, None, None]], [["/d/b.png", None, None, None]]],
+                         lease_until=utcnow() + LEASE)
+    assert ids is not None
+    return held, ids
+
+
+def test_started_at_is_set_by_a_claim_made_while_the_submission_still_runs(store: Store) -> None:
+    held, (first, _second) = _submission(store)
+    claimed = claim(store, first)
+    assert claimed is not None
+    with store.session() as session:
+        job = session.get_one(Job, held.job_id)
+        assert (job.status, job.started_at is not None) == (JobStatus.SUBMITTING, True)
+        claimed_at = job.started_at
+    with store.session() as session:
+        assert end_submission(session, held)
+    with store.session() as session:
+        job = session.get_one(Job, held.job_id, populate_existing=True)
+        assert (job.status, job.started_at) == (JobStatus.RUNNING, claimed_at)  # the first claim came first
+
+
+def test_started_at_is_set_at_the_end_of_a_submission_no_worker_claimed_yet(store: Store) -> None:
+    held, _ = _submission(store)
+    with store.session() as session:
+        assert end_submission(session, held)
+    with store.session() as session:
+        job = session.get_one(Job, held.job_id, populate_existing=True)
+        assert job.status == JobStatus.QUEUED and job.started_at is not None

@@ -153,6 +153,22 @@ def test_job_page_numbers_match_sql(deployment: dict, client: TestClient, monkey
     assert client.get("/jobs/999999").status_code == 404
 
 
+def test_job_page_says_what_a_full_disk_kept_from_being_written(deployment: dict, client: TestClient) -> None:
+    """The counts themselves come from a real full tmpfs (tests/integration/test_full_disk.py);
+    here, that the page says them."""
+    job_id = deployment["ids"]["tree"]
+    assert 'id="unwritten"' not in client.get(f"/jobs/{job_id}").text
+    with deployment["context"].store.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            n_heatmaps_unwritten=3, unwritten_reason="No space left on device"))
+    try:
+        html = client.get(f"/jobs/{job_id}").text
+        assert text_of(html, "unwritten") == "3 heat map(s) not written: No space left on device; the scores are kept"
+    finally:
+        with deployment["context"].store.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(n_heatmaps_unwritten=0, unwritten_reason=None))
+
+
 def test_sub_folder_rates_match_sql(deployment: dict, client: TestClient) -> None:
     job_id = deployment["ids"]["tree"]
     source = sql(deployment, select(Job.source).where(Job.id == job_id))[0][0]
