@@ -32,6 +32,7 @@ def _loop(queues: list[str], stop: threading.Event) -> None:
                 if queue not in dispatchers:
                     dispatchers[queue] = CeleryDispatcher(runtime.settings, queue)
             reconcile(runtime.ctx, dispatchers, worker=f"reconciler-{runtime.name}")
+            runtime.notifier.kick()  # ends this pass brought (or any other process left owed)
         except Exception:
             log.warning("reconciler pass failed; trying again in %.0f s", interval, exc_info=True)
 

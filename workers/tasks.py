@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def train(job_id: int) -> str:
     runtime = current_runtime()
     outcome = run_train_job(runtime.ctx, job_id, worker=runtime.name, device=runtime.device)
+    runtime.notifier.kick()
     log.info("train job %s: %s", job_id, outcome.value)
     return outcome.value
 
@@ -27,6 +28,7 @@ def train(job_id: int) -> str:
 def score_shard(shard_id: int) -> str:
     runtime = current_runtime()
     outcome = run_shard(runtime.ctx, shard_id, models=runtime.models, worker=runtime.name, dispatcher=runtime.dispatcher)
+    runtime.notifier.kick()  # the shard may have ended its job
     log.info("shard %s: %s", shard_id, outcome.value)
     return outcome.value
 
@@ -35,5 +37,6 @@ def score_shard(shard_id: int) -> str:
 def finish_job(job_id: int) -> str:
     runtime = current_runtime()
     outcome = run_finish(runtime.ctx, job_id, worker=runtime.name)
+    runtime.notifier.kick()
     log.info("finishing of job %s: %s", job_id, outcome.value)
     return outcome.value

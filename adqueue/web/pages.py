@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from adqueue.jobs.drift import KS_CUTOFF, KS_MIN_SAMPLES, drift
 from adqueue.store.reviews import ReviewError, clean_reviewer, record_review
 from adqueue.store.session import Store
 from adqueue.web import queries as q
@@ -26,7 +27,6 @@ from adqueue.web.charts import (
     histogram_svg,
     line_chart_svg,
 )
-from adqueue.web.drift import KS_CUTOFF, KS_MIN_SAMPLES, drift
 
 REVIEWER_COOKIE = "adqueue_reviewer"
 FLAGGED_PER_PAGE = 24

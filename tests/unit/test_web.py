@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 
 from adqueue.core.config import Settings, sqlite_url
 from adqueue.jobs.context import Context
+from adqueue.jobs.drift import KS_CUTOFF, ks_statistic
 from adqueue.store.models import (
     Base,
     Job,
@@ -38,7 +39,6 @@ from adqueue.store.models import (
 from adqueue.web import pages
 from adqueue.web import queries as web_queries
 from adqueue.web.app import create_app
-from adqueue.web.drift import KS_CUTOFF, ks_statistic
 from benchmarks.harness.cli import FAST_MVG
 from benchmarks.harness.servers import REPO
 from tests.helpers.cli import invoke_cli
