@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from adqueue.jobs.drift import KS_CUTOFF, KS_MIN_SAMPLES, drift
+from adqueue.store.notifications import ended_alarms
 from adqueue.store.reviews import ReviewError, clean_reviewer, record_review
 from adqueue.store.session import Store
 from adqueue.web import queries as q
@@ -60,8 +61,9 @@ def _remember_reviewer(response: Response, reviewer: str) -> None:
 def jobs_page(request: Request) -> Response:
     with _store(request).session() as session:
         jobs = q.recent_jobs(session, limit=100)
+        alarms = ended_alarms(session, [job.id for job in jobs])
     refresh = REFRESH_S if any(job.active for job in jobs) else None
-    return _render(request, "jobs.html", jobs=jobs, refresh=refresh)
+    return _render(request, "jobs.html", jobs=jobs, refresh=refresh, alarms=alarms)
 
 
 def relative_folder(folder: str, source: str) -> str:
@@ -90,10 +92,12 @@ def job_page(request: Request) -> Response:
         errors = q.error_page(session, job_id, errors_page, ERRORS_PER_PAGE)
         folders = q.folder_rates(session, job_id)
         reviews = q.review_counts(session, job_id)
+        alarms = ended_alarms(session, [job_id]).get(job_id, [])
     histogram = histogram_svg(edges, night, bin_counts(calibration, edges), threshold) if edges else None
     folder_rows = [(relative_folder(f.folder, job.source), f) for f in folders]
     return _render(request, "job.html", job=job, model=model, histogram=histogram, n_calibration=len(calibration),
-                   flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request))
+                   flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request),
+                   alarms=alarms)
 
 
 def model_page(request: Request) -> Response:

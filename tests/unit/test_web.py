@@ -427,3 +427,14 @@ def test_pages_read_the_same_on_postgresql(tmp_path: Path) -> None:
     job_page = pages_html["postgres"][1]
     assert text_of(job_page, "precision") == "50.0%" and "<code>line0</code>" in job_page
     assert 'data-job-id="1"' in pages_html["postgres"][3]
+
+
+def test_alarms_show_on_the_jobs_list_and_the_job_page(deployment: dict, client: TestClient) -> None:
+    score_id, tree_id = deployment["ids"]["score"], deployment["ids"]["tree"]
+    # The dump has 2 unreadable files of 18 (11%, more than 5%): the `errors` alarm, computed at its end.
+    assert cells(client.get("/").text, f'data-job-id="{score_id}"')[11] == "errors"
+    assert cells(client.get("/").text, f'data-job-id="{tree_id}"')[11] == ""
+    page = client.get(f"/jobs/{score_id}").text
+    box = re.search(r'<ul class="alarm-box" id="alarms">(.*?)</ul>', page, re.DOTALL)
+    assert box and "errors" in box.group(1) and "2 of 18 files could not be scored" in box.group(1)
+    assert 'id="alarms"' not in client.get(f"/jobs/{tree_id}").text
