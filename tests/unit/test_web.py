@@ -438,3 +438,19 @@ def test_alarms_show_on_the_jobs_list_and_the_job_page(deployment: dict, client:
     box = re.search(r'<ul class="alarm-box" id="alarms">(.*?)</ul>', page, re.DOTALL)
     assert box and "errors" in box.group(1) and "2 of 18 files could not be scored" in box.group(1)
     assert 'id="alarms"' not in client.get(f"/jobs/{tree_id}").text
+
+
+def test_metrics_for_prometheus(deployment: dict, client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    tree_id = deployment["ids"]["tree"]  # the latest score job of model bricks
+    flagged, scored = sql(deployment, select(func.count().filter(Result.is_anomaly.is_(True)), func.count(Result.score))
+                          .where(Result.job_id == tree_id))[0]
+    assert samples[("adqueue_model_anomaly_rate", (("model", "bricks"),))] == pytest.approx(flagged / scored)
+    assert samples[("adqueue_model_flagged", (("model", "bricks"),))] == flagged
+    assert samples[("adqueue_model_alarms", (("alarm", "errors"), ("model", "bricks")))] == 0
+    assert samples[("adqueue_jobs_active", (("kind", "score"), ("status", "running")))] == 0
