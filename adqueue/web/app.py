@@ -120,9 +120,13 @@ def _metrics() -> Callable[[Request], Response]:
     return metrics
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """A page with the way back for a browser; one plain line for a script."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "server error"
+    if "text/html" in request.headers.get("accept", ""):
+        return request.app.state.templates.TemplateResponse(request, "error.html", {"status": status, "detail": detail},
+                                                            status_code=status)
     return PlainTextResponse(f"{status}: {detail}", status_code=status)
 
 
@@ -134,6 +138,7 @@ def create_app(context: Context, *, token: str | None = None, allowed_hosts: Ite
         Route("/jobs/{job_id:int}", pages.job_page),
         Route("/models/{name}", pages.model_page),
         Route("/trend", pages.trend_page),
+        Route("/results/{result_id:int}", pages.result_page),
         Route("/results/{result_id:int}/review", pages.review, methods=["POST"]),
         Route("/reviewer", pages.set_reviewer, methods=["POST"]),
         Route("/files/result/{result_id:int}", result_file),

@@ -454,3 +454,39 @@ def test_metrics_for_prometheus(deployment: dict, client: TestClient) -> None:
     assert samples[("adqueue_model_flagged", (("model", "bricks"),))] == flagged
     assert samples[("adqueue_model_alarms", (("alarm", "errors"), ("model", "bricks")))] == 0
     assert samples[("adqueue_jobs_active", (("kind", "score"), ("status", "running")))] == 0
+
+
+def test_evaluate_and_train_pages_say_what_they_are_about(deployment: dict, client: TestClient) -> None:
+    evaluate_id, train_id = deployment["ids"]["evaluate"], deployment["ids"]["train"]
+    page = client.get(f"/jobs/{evaluate_id}").text
+    stored = dict(sql(deployment, select(Metric.name, Metric.value).where(Metric.job_id == evaluate_id)))
+    assert stored["image_auroc"] > 0.5
+    shown = dict(re.findall(r'<tr data-metric="([^"]+)"><td>[^<]*</td><td class="n">([^<]*)</td>', page))
+    assert set(shown) == set(stored) and float(shown["image_auroc"]) == pytest.approx(stored["image_auroc"], abs=1e-4)
+    # Each card says what the image is (an evaluation's ground truth); no empty heat-map boxes
+    # where heat maps were not asked for (--heatmaps none).
+    flagged = flagged_ids(deployment, evaluate_id)[:24]
+    labels = dict(sql(deployment, select(Result.id, Result.defect).where(Result.id.in_(flagged))))
+    assert flagged and 'class="no-map"' not in page
+    for result_id in flagged:
+        card = re.search(rf'id="r{result_id}".*?</article>', page, re.DOTALL)
+        assert card and f'href="/results/{result_id}"' in card.group(0)
+        assert re.search(r'class="label label-(good|defective)">([^<]+)<', card.group(0)).group(2) in (
+            labels[result_id], "good", "defective")
+    train = client.get(f"/jobs/{train_id}").text
+    synthetic = sql(deployment, select(Metric.value).where(Metric.job_id == train_id, Metric.name == "synthetic_auroc"))
+    assert float(text_of(train, "synthetic-auroc")) == pytest.approx(synthetic[0][0], abs=1e-3)
+    assert 'id="flagged"' not in train and 'id="precision"' not in train and "Nothing flagged" not in train
+    assert text_of(train, "training-images").startswith(str(sql(deployment, select(Job.n_done).where(
+        Job.id == train_id))[0][0]) + " read")
+
+
+def test_a_result_opens_at_full_size_and_a_404_leads_back(deployment: dict, client: TestClient) -> None:
+    score_id = deployment["ids"]["score"]
+    result_id = flagged_ids(deployment, score_id)[0]
+    page = client.get(f"/results/{result_id}").text
+    assert f'src="/files/result/{result_id}"' in page and f'src="/files/heatmap/{result_id}"' in page
+    assert f'href="/jobs/{score_id}#r{result_id}"' in page
+    missing = client.get("/results/999999", headers={"Accept": "text/html"})
+    assert missing.status_code == 404 and 'href="/" id="back"' in missing.text and "no result 999999" in missing.text
+    assert client.get("/jobs/999999").text == "404: no job 999999"  # a script gets one line
