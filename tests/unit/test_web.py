@@ -461,7 +461,7 @@ def test_evaluate_and_train_pages_say_what_they_are_about(deployment: dict, clie
     page = client.get(f"/jobs/{evaluate_id}").text
     stored = dict(sql(deployment, select(Metric.name, Metric.value).where(Metric.job_id == evaluate_id)))
     assert stored["image_auroc"] > 0.5
-    shown = dict(re.findall(r'<tr data-metric="([^"]+)"><td>[^<]*</td><td class="n">([^<]*)</td>', page))
+    shown = dict(re.findall(r'data-metric="([^"]+)"><span class="name">[^<]*</span> <span class="n">([^<]*)</span>', page))
     assert set(shown) == set(stored) and float(shown["image_auroc"]) == pytest.approx(stored["image_auroc"], abs=1e-4)
     # Each card says what the image is (an evaluation's ground truth); no empty heat-map boxes
     # where heat maps were not asked for (--heatmaps none).
