@@ -1,4 +1,5 @@
-"""Prometheus metrics of a real worker, scraped while it scores a job; and a real Prometheus scraping it."""
+"""A real worker's Prometheus metrics, scraped while it scores a job, and a real Prometheus scraping it;
+the same worker's notifications of job ends (its background notifier, beside the CLI's)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.harness.cli import FAST_MVG, run_cli, run_json
 from benchmarks.harness.servers import free_port, wait_until
 from tests.helpers.deployment import Deployment, make_deployment
+from tests.helpers.receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def metered(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[Deployment, int]]:
+def receiver() -> Iterator[Receiver]:
+    with webhook_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
+            receiver: Receiver) -> Iterator[tuple[Deployment, int]]:
     folder = tmp_path_factory.mktemp("metrics")
     deployment = make_deployment("sqlite", folder, redis_url, f"sqlite:///{folder / 'adqueue.db'}",
-                                 ADQUEUE_RECONCILE_INTERVAL="1")
+                                 ADQUEUE_RECONCILE_INTERVAL="1", ADQUEUE_NOTIFY_URL=receiver.url)
     port = free_port()
     deployment.start_workers(1, ADQUEUE_METRICS_PORT=str(port))
     yield deployment, port
@@ -44,7 +53,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, found), v in samples.items() if n == name and set(labels.items()) <= set(found))
 
 
-def test_a_workers_metrics_during_a_job(metered: tuple[Deployment, int], textures, tmp_path: Path) -> None:
+def test_a_workers_metrics_during_a_job(metered: tuple[Deployment, int], textures, tmp_path: Path,
+                                       receiver: Receiver) -> None:
     deployment, port = metered
     root, dump = textures
     run_json(["train", "--data", str(root), "--name", "bricks", *FAST_MVG, "--wait"], deployment.env)
@@ -70,6 +80,13 @@ def test_a_workers_metrics_during_a_job(metered: tuple[Deployment, int], texture
     assert value(final, "adqueue_shard_runs_total", model="bricks:1", outcome="done") == 36
     assert value(final, "adqueue_shard_duration_seconds_count", model="bricks:1") == 36
     assert value(final, "adqueue_batch_duration_seconds_count", model="bricks:1") >= 36
+    # Its end was sent by the worker's background notifier (no CLI followed this job): once.
+    (post,) = receiver.wait_for(job_id)
+    assert post["status"] == "done" and post["n_scored"] == 64 and post["n_errors"] == 8
+    time.sleep(3)  # a few more reconciler passes and notifier wake-ups: still one
+    assert len(receiver.of_job(job_id)) == 1
+    (train_post,) = receiver.of_job(1)  # the training: its worker and the waiting CLI both noticed it
+    assert train_post["kind"] == "train" and train_post["status"] == "done"
     assert ("adqueue_queue_depth", (("queue", deployment.env["ADQUEUE_QUEUE"]),)) in final
     print(f"images scored as scraped during job {job_id}: {seen}")
 
