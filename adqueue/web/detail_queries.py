@@ -65,4 +65,4 @@ def result_detail(session: Session, result_id: int) -> ResultDetail | None:
                Result.error, Result.width, Result.height, Result.label, Result.defect, Result.scores)
         .where(Result.id == result_id)
     ).first()
-    return ResultDetail(*row) if row else None
+    return ResultDetail(**row._asdict()) if row else None

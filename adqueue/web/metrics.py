@@ -51,13 +51,14 @@ class JobsCollector(Collector):
         ended = GaugeMetricFamily("adqueue_model_last_job_timestamp_seconds", "When that job ended.",
                                   labels=["model"])
         with self.store.session() as session:
-            counts = dict(((kind, status), n) for kind, status, n in session.execute(
-                select(Job.kind, Job.status, func.count()).where(Job.status.in_(JobStatus.ACTIVE))
-                .group_by(Job.kind, Job.status)))
+            counts: dict[tuple[str, str], int] = {
+                (str(kind), str(status)): int(n) for kind, status, n in session.execute(
+                    select(Job.kind, Job.status, func.count()).where(Job.status.in_(JobStatus.ACTIVE))
+                    .group_by(Job.kind, Job.status))}
             latest = _latest_score_jobs(session)
-        for kind in JobKind:
+        for job_kind in JobKind:
             for status in JobStatus.ACTIVE:
-                active.add_metric([str(kind), str(status)], counts.get((kind, status), 0))
+                active.add_metric([str(job_kind), str(status)], counts.get((str(job_kind), str(status)), 0))
         for name, job in latest:
             payload = (job.notification or {}).get("payload") or {}
             if payload.get("anomaly_rate") is not None:
