@@ -490,3 +490,21 @@ def test_a_result_opens_at_full_size_and_a_404_leads_back(deployment: dict, clie
     missing = client.get("/results/999999", headers={"Accept": "text/html"})
     assert missing.status_code == 404 and 'href="/" id="back"' in missing.text and "no result 999999" in missing.text
     assert client.get("/jobs/999999").text == "404: no job 999999"  # a script gets one line
+
+
+def test_a_failed_training_shows_no_phase_counts_as_files(deployment: dict, client: TestClient) -> None:
+    # A training that failed while calibrating 7 images left its phase's counts behind: not its files.
+    with deployment["context"].store.session() as session:
+        failed = Job(kind=JobKind.TRAIN, status=JobStatus.FAILED, source="/x", params={}, n_total=7, n_done=0,
+                     error="the threshold is outside ...")
+        session.add(failed)
+    try:
+        row = cells(client.get("/").text, f'data-job-id="{failed.id}"')
+        assert row[4] == "—" and row[5] == "—"
+        page = client.get(f"/jobs/{failed.id}").text
+        assert text_of(page, "training-images") == "nothing registered" and "/ 7 files" not in page
+        train_row = cells(client.get("/").text, f'data-job-id="{deployment["ids"]["train"]}"')
+        assert train_row[4].endswith(" images")
+    finally:
+        with deployment["context"].store.session() as session:
+            session.execute(Job.__table__.delete().where(Job.id == failed.id))
