@@ -16,6 +16,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from adqueue.jobs.reconcile import reconcile
+from adqueue.workers import metrics
 from adqueue.workers.producer import CeleryDispatcher
 from adqueue.workers.runtime import current_runtime
 
@@ -31,7 +32,9 @@ def _loop(queues: list[str], stop: threading.Event) -> None:
             for queue in queues:
                 if queue not in dispatchers:
                     dispatchers[queue] = CeleryDispatcher(runtime.settings, queue)
-            reconcile(runtime.ctx, dispatchers, worker=f"reconciler-{runtime.name}")
+            report = reconcile(runtime.ctx, dispatchers, worker=f"reconciler-{runtime.name}")
+            metrics.reconciled(report.as_dict(), runtime.name)
+            runtime.notifier.kick()  # ends this pass brought (or any other process left owed)
         except Exception:
             log.warning("reconciler pass failed; trying again in %.0f s", interval, exc_info=True)
 

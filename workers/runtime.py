@@ -18,6 +18,7 @@ from celery.signals import worker_process_init
 
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
+from adqueue.jobs.notify import Notifier
 from adqueue.pipeline.device import apply_torch_threads, resolve_device
 from adqueue.runners.models import ModelCache
 from adqueue.workers.producer import CeleryDispatcher
@@ -50,6 +51,11 @@ class WorkerRuntime:
     def dispatcher(self) -> CeleryDispatcher:
         """Sends follow-up work (a retry, a finishing) to this worker's queue."""
         return CeleryDispatcher(self.settings)
+
+    @cached_property
+    def notifier(self) -> Notifier:
+        """Sends the notifications of job ends in the background, woken after each task and pass."""
+        return Notifier(self.ctx)
 
     @cached_property
     def name(self) -> str:

@@ -10,6 +10,7 @@ from celery.worker import state as worker_state
 from adqueue.runners.finish import run_finish
 from adqueue.runners.shard import run_shard
 from adqueue.runners.train import run_train_job
+from adqueue.workers import metrics
 from adqueue.workers.app import TASK_FINISH, TASK_SCORE_SHARD, TASK_TRAIN
 from adqueue.workers.runtime import current_runtime
 
@@ -26,6 +27,8 @@ def _cold_shutdown() -> bool:
 def train(job_id: int) -> str:
     runtime = current_runtime()
     outcome = run_train_job(runtime.ctx, job_id, worker=runtime.name, device=runtime.device)
+    metrics.job_run_ended("train", outcome.value, runtime.name)
+    runtime.notifier.kick()
     log.info("train job %s: %s", job_id, outcome.value)
     return outcome.value
 
@@ -33,8 +36,12 @@ def train(job_id: int) -> str:
 @shared_task(name=TASK_SCORE_SHARD, ignore_result=True)
 def score_shard(shard_id: int) -> str:
     runtime = current_runtime()
-    outcome = run_shard(runtime.ctx, shard_id, models=runtime.models, worker=runtime.name,
-                        dispatcher=runtime.dispatcher, stopping=_cold_shutdown)
+    observed = metrics.ShardMetrics(runtime.ctx, shard_id, runtime.name) if metrics.enabled() else None
+    outcome = run_shard(runtime.ctx, shard_id, models=runtime.models, worker=runtime.name, dispatcher=runtime.dispatcher,
+                        on_batch=observed.batch if observed else None, stopping=_cold_shutdown)
+    if observed:
+        observed.ended(outcome.value)
+    runtime.notifier.kick()  # the shard may have ended its job
     log.info("shard %s: %s", shard_id, outcome.value)
     return outcome.value
 
@@ -43,5 +50,7 @@ def score_shard(shard_id: int) -> str:
 def finish_job(job_id: int) -> str:
     runtime = current_runtime()
     outcome = run_finish(runtime.ctx, job_id, worker=runtime.name)
+    metrics.job_run_ended("finish", outcome.value, runtime.name)
+    runtime.notifier.kick()
     log.info("finishing of job %s: %s", job_id, outcome.value)
     return outcome.value

@@ -20,8 +20,13 @@ from adqueue.store.session import Store
               help="Processes. 1 = one solo process (one per GPU); >1 = a prefork pool (CPU hosts).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda or cuda:N [env ADQUEUE_DEVICE].")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="ADQUEUE_METRICS_PORT", default=None,
+              metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (images scored and "
+              "failed, batch and shard durations, leases lost, reconciler actions, queue depth); needs "
+              "--concurrency 1 [env ADQUEUE_METRICS_PORT].")
 @click.pass_context
-def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str | None, loglevel: str) -> None:
+def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str | None, loglevel: str,
+           metrics_port: int | None) -> None:
     """Run a Celery worker that trains and scores jobs from Redis.
 
     Each worker also runs the reconciler every ADQUEUE_RECONCILE_INTERVAL seconds: it takes back
@@ -29,13 +34,19 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int, device: str
     settings = settings_from(ctx, device=device)
     if settings.embedded:
         raise ConfigError("a worker needs a broker: pass --broker redis://HOST:6379/0 or set ADQUEUE_BROKER_URL")
+    if metrics_port is not None and concurrency != 1:
+        raise ConfigError("--metrics-port needs --concurrency 1: one solo worker per port (one per GPU, or "
+                          "several on a CPU host, each with its own port)")
     Context(settings).store  # noqa: B018 - fail now, clearly, if the database is unreachable
     log_everything()  # a worker's log is the record of its jobs: training's warnings included
     # Children (prefork) and the lazily built runtime read the same settings from the environment.
     os.environ.update(settings.export_env())
     os.environ["ADQUEUE_WORKER_CONCURRENCY"] = str(concurrency)
     os.environ["ADQUEUE_WORKER_QUEUES"] = queues or settings.queue
-    import adqueue.workers.reconciler  # noqa: F401 - its signal handlers start the periodic reconciler
+    os.environ["ADQUEUE_METRICS_PORT"] = str(metrics_port or "")
+    # Imported for their signal handlers: the metrics endpoint (with a port) and the periodic reconciler.
+    import adqueue.workers.metrics
+    import adqueue.workers.reconciler  # noqa: F401
     from adqueue.workers.app import make_app, run_worker
     from adqueue.workers.producer import check_broker
 

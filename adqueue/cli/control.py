@@ -24,9 +24,12 @@ def cancel(ctx: click.Context, job_id: int) -> None:
     nothing, and the job ends `cancelled`. What was already scored stays; `adqueue resume JOB_ID`
     runs the rest later."""
     from adqueue.jobs.control import cancel_job
+    from adqueue.jobs.notify import notify_until_settled
 
-    cancel_job(Context(settings_from(ctx, existing=True)), job_id)
+    context = Context(settings_from(ctx, existing=True))
+    cancel_job(context, job_id)
     info(f"job {job_id} cancelled; `adqueue resume {job_id}` runs what is left")
+    notify_until_settled(context)
 
 
 @cli.command()
@@ -58,8 +61,9 @@ def resume(ctx: click.Context, job_id: int, device: str | None, wait: bool, fmt:
 def reconcile(ctx: click.Context, fmt: str) -> None:
     """One reconciler pass now (every worker runs one every ADQUEUE_RECONCILE_INTERVAL seconds):
     take back work whose lease expired, re-send messages the broker lost, end jobs whose shards
-    are all closed, continue submissions whose submitter died. Without a broker it ends what it
-    can and marks jobs whose process died for `adqueue resume`."""
+    are all closed, continue submissions whose submitter died, send the notifications of job ends
+    still owed (ADQUEUE_NOTIFY_URL). Without a broker it ends what it can and marks jobs whose
+    process died for `adqueue resume`."""
     from adqueue.jobs.reconcile import reconcile as reconcile_pass
 
     settings = settings_from(ctx, existing=True)
@@ -76,6 +80,9 @@ def reconcile(ctx: click.Context, fmt: str) -> None:
 
         dispatchers[settings.queue] = CeleryDispatcher(settings)
     report = reconcile_pass(context, dispatchers, worker="adqueue-reconcile")
+    from adqueue.jobs.notify import notify_until_settled
+
+    notify_until_settled(context)  # the ends this pass brought, and notifications whose retry fell due
     if fmt == "table":
         info(f"reconciled: {report.describe()}")
     else:

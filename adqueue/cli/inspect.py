@@ -9,6 +9,7 @@ from adqueue.cli.output import emit_object, emit_rows, format_option
 from adqueue.core.errors import AdqueueError
 from adqueue.jobs.context import Context
 from adqueue.store import queries
+from adqueue.store.notifications import ended_alarms, outcome_fields
 
 
 def _context(ctx: click.Context) -> Context:
@@ -25,13 +26,26 @@ def jobs(ctx: click.Context, job_id: int | None, limit: int, fmt: str) -> None:
     context = _context(ctx)
     with context.store.session() as session:
         if job_id is None:
-            rows = [row.as_dict() for row in queries.list_jobs(session, limit)]
-            emit_rows(rows, ["job_id", "kind", "status", "model", "n_total", "n_done", "n_failed",
-                             "created_at", "error"], fmt)
+            listed = queries.list_jobs(session, limit, counts=True)
+            alarms = ended_alarms(session, [row.id for row in listed])
+            rows = [{**row.as_dict(), "n_flagged": row.n_flagged, "alarms": _alarm_cell(alarms.get(row.id), fmt)}
+                    for row in listed]
+            emit_rows(rows, ["job_id", "kind", "status", "model", "n_total", "n_done", "n_flagged", "n_failed",
+                             "alarms", "created_at", "error"], fmt)
             return
         summary = queries.job_summary(session, job_id)
+        outcome = outcome_fields(session, job_id)
         metrics = queries.job_metrics(session, job_id)
-    emit_object({**summary, **metrics}, fmt, title=f"job {job_id}")
+    if fmt != "json":
+        outcome["alarms"] = "; ".join(f"{a['kind']}: {a['message']}" for a in outcome.get("alarms") or []) or None
+    emit_object({**summary, **outcome, **metrics}, fmt, title=f"job {job_id}")
+
+
+def _alarm_cell(alarms: list[dict[str, str]] | None, fmt: str) -> object:
+    """The alarms' kinds in a table or CSV cell; the whole list in JSON."""
+    if fmt == "json":
+        return alarms or []
+    return ", ".join(a["kind"] for a in alarms or []) or None
 
 
 @cli.command()

@@ -108,6 +108,7 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
 
         info(f"job {submitted.job_id} queued ({submitted.kind}); following it, Ctrl-C stops following only")
         summary = wait_for_job(context, submitted.job_id)
+    summary = {**summary, **job_outcome(context, summary)}
     metrics = outcome_metrics(context, summary)
     if fmt == "json":
         emit_object({**submitted.as_dict(), **summary, **metrics}, "json")
@@ -117,6 +118,26 @@ def report_job(context: Context, submitted: Submitted, fmt: str, wait: bool) -> 
         info(f"[red]job {submitted.job_id} {summary['status']}:[/red] {summary.get('error')}")
         sys.exit(1)
     return summary
+
+
+def job_outcome(context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+    """An ended job's flagged count and alarms, once its end's notification is done (ADQUEUE_NOTIFY_URL:
+    sent, or left to a reconciler after a few seconds of retries; the alarms are computed either way)."""
+    from adqueue.jobs.notify import notify_until_settled
+    from adqueue.store.notifications import outcome_fields
+
+    if summary["status"] in ("done", "failed", "cancelled"):
+        notify_until_settled(context)
+    with context.store.session() as session:
+        return outcome_fields(session, summary["job_id"])
+
+
+def describe_alarms(alarms: list[dict[str, str]]) -> None:
+    from rich.markup import escape
+
+    for alarm in alarms:
+        if alarm["kind"] not in ("failed", "cancelled"):  # those two are said by the exit line
+            info(f"[red]alarm {alarm['kind']}:[/red] {escape(alarm['message'])}")
 
 
 def outcome_metrics(context: Context, summary: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +162,11 @@ def describe_outcome(context: Context, summary: dict[str, Any], metrics: dict[st
         for warning in warnings:
             info(f"[yellow]warning:[/yellow] {escape(warning)}")
     elif summary["kind"] in ("score", "evaluate"):
-        info(f"{summary['kind']} job {summary['job_id']}: {status}, {summary['n_done']} scored, "
-             f"{summary['n_failed']} failed of {summary['n_total']} in {summary['shards']} shard(s)"
+        flagged = f"{summary['n_flagged']} flagged, " if "n_flagged" in summary else ""
+        info(f"{summary['kind']} job {summary['job_id']}: {status}, {summary['n_done']} scored, {flagged}"
+             f"{summary['n_failed']} could not be scored, of {summary['n_total']} in {summary['shards']} shard(s)"
              + (f"; {summary['n_skipped']} skipped (scored before, unchanged)" if summary.get("n_skipped") else ""))
+    describe_alarms(summary.get("alarms") or [])
     if metrics:
         emit_object(metrics, fmt, title="metrics")
 

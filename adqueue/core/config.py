@@ -25,6 +25,9 @@ DEFAULT_RECONCILE_INTERVAL_S = 30
 DEFAULT_MAX_FILE_MB = 512
 DEFAULT_SQL_TIMEOUT_S = 60
 DEFAULT_SQL_MAX_ROWS = 10_000
+DEFAULT_NOTIFY_ATTEMPTS = 5
+DEFAULT_NOTIFY_RETRY_DELAY_S = 2.0
+DEFAULT_ALARM_ERROR_SHARE = 0.05
 
 
 def _env(name: str) -> str | None:
@@ -64,6 +67,15 @@ class Settings:
     # torch's intra-op threads in this process; None = torch's default (all cores). Set it where
     # several workers share a host, or on a busy machine where spinning threads only wait.
     torch_threads: int | None = None
+    # Webhooks told of every job's end (a JSON POST; adqueue/jobs/notify.py), how many times each
+    # is tried (the first retry after notify_retry_delay_s, then x4), and the web server's address
+    # as people reach it, for the link to the job page.
+    notify_urls: tuple[str, ...] = ()
+    notify_attempts: int = DEFAULT_NOTIFY_ATTEMPTS
+    notify_retry_delay_s: float = DEFAULT_NOTIFY_RETRY_DELAY_S
+    public_url: str | None = None
+    # The `errors` alarm: more than this share of a job's files could not be scored.
+    alarm_error_share: float = DEFAULT_ALARM_ERROR_SHARE
 
     @property
     def stall_after_s(self) -> float:
@@ -105,6 +117,9 @@ class Settings:
         roots = _env("ALLOWED_ROOTS")
         sql_timeout = _env("SQL_TIMEOUT")
         sql_rows = _env("SQL_MAX_ROWS")
+        notify_attempts = _env("NOTIFY_ATTEMPTS")
+        notify_delay = _env("NOTIFY_RETRY_DELAY")
+        error_share = _env("ALARM_ERROR_SHARE")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -124,6 +139,12 @@ class Settings:
             sql_database_url=_env("SQL_DATABASE_URL"),
             sql_timeout_s=_positive("ADQUEUE_SQL_TIMEOUT", sql_timeout, DEFAULT_SQL_TIMEOUT_S, float),
             sql_max_rows=_positive("ADQUEUE_SQL_MAX_ROWS", sql_rows, DEFAULT_SQL_MAX_ROWS),
+            notify_urls=tuple(u.strip() for u in (_env("NOTIFY_URL") or "").split(",") if u.strip()),
+            notify_attempts=_positive("ADQUEUE_NOTIFY_ATTEMPTS", notify_attempts, DEFAULT_NOTIFY_ATTEMPTS),
+            notify_retry_delay_s=_positive("ADQUEUE_NOTIFY_RETRY_DELAY", notify_delay, DEFAULT_NOTIFY_RETRY_DELAY_S,
+                                           float),
+            public_url=(_env("PUBLIC_URL") or "").rstrip("/") or None,
+            alarm_error_share=_positive("ADQUEUE_ALARM_ERROR_SHARE", error_share, DEFAULT_ALARM_ERROR_SHARE, float),
         )
         settings.validate()
         return settings
@@ -138,6 +159,11 @@ class Settings:
             raise ConfigError(f"unsupported broker URL {self.broker_url!r}: use redis://HOST:PORT/DB")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        for url in self.notify_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"ADQUEUE_NOTIFY_URL: {url!r} is not an http:// or https:// URL")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"ADQUEUE_PUBLIC_URL: {self.public_url!r} is not an http:// or https:// URL")
 
     def require_data_dir(self) -> None:
         """For verbs that read or steer what is there: a data dir that does not exist, holding the
@@ -171,6 +197,13 @@ class Settings:
             "ADQUEUE_MAX_FILE_MB": str(self.max_file_mb),
             "ADQUEUE_ALLOWED_ROOTS": os.pathsep.join(str(p) for p in self.allowed_roots),
         }
+        env.update({
+            "ADQUEUE_NOTIFY_URL": ",".join(self.notify_urls),
+            "ADQUEUE_NOTIFY_ATTEMPTS": str(self.notify_attempts),
+            "ADQUEUE_NOTIFY_RETRY_DELAY": str(self.notify_retry_delay_s),
+            "ADQUEUE_PUBLIC_URL": self.public_url or "",
+            "ADQUEUE_ALARM_ERROR_SHARE": str(self.alarm_error_share),
+        })
         if self.stall_timeout_s is not None:
             env["ADQUEUE_STALL_TIMEOUT"] = str(self.stall_timeout_s)
         if self.torch_threads is not None:

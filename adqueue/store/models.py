@@ -173,6 +173,17 @@ class Job(Base):
     n_heatmaps_unwritten: Mapped[int] = mapped_column(Integer, default=0)
     n_eval_maps_unwritten: Mapped[int] = mapped_column(Integer, default=0)
     unwritten_reason: Mapped[str | None] = mapped_column(Text)  # the last one's, e.g. "No space left on device"
+    # What was wrong with the job when it last ended ([{"kind", "message"}], adqueue/jobs/alarms.py) and
+    # the drift statistic of its normal scores; written once per end, by whoever notifies it.
+    alarms: Mapped[list[Any] | None] = mapped_column(JSON)
+    drift_ks: Mapped[float | None] = mapped_column(Float)
+    # The notification of its end (ADQUEUE_NOTIFY_URL): settled at notified_at (sent, or given up);
+    # owed while that is older than finished_at. notify_after: no attempt before then (a sender's
+    # hold, or the backoff); notification: the payload and the URLs that took it.
+    notified_at: Mapped[datetime | None]
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    notify_after: Mapped[datetime | None]
+    notification: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Shard(Base):

@@ -27,6 +27,7 @@ from adqueue.web import pages
 from adqueue.web import queries as q
 from adqueue.web.auth import Guard
 from adqueue.web.files import Refused, heatmap_image, result_image
+from adqueue.web.metrics import exposition, metrics_registry
 
 log = logging.getLogger(__name__)
 IMAGE_CACHE = "private, max-age=300"
@@ -109,9 +110,23 @@ def _stylesheet() -> Callable[[Request], Response]:
     return stylesheet
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+def _metrics() -> Callable[[Request], Response]:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    def metrics(request: Request) -> Response:
+        """Prometheus's view of the jobs (web/metrics.py); behind the same token as every page."""
+        return Response(exposition(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """A page with the way back for a browser; one plain line for a script."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "server error"
+    if "text/html" in request.headers.get("accept", ""):
+        return request.app.state.templates.TemplateResponse(request, "error.html", {"status": status, "detail": detail},
+                                                            status_code=status)
     return PlainTextResponse(f"{status}: {detail}", status_code=status)
 
 
@@ -123,15 +138,18 @@ def create_app(context: Context, *, token: str | None = None, allowed_hosts: Ite
         Route("/jobs/{job_id:int}", pages.job_page),
         Route("/models/{name}", pages.model_page),
         Route("/trend", pages.trend_page),
+        Route("/results/{result_id:int}", pages.result_page),
         Route("/results/{result_id:int}/review", pages.review, methods=["POST"]),
         Route("/reviewer", pages.set_reviewer, methods=["POST"]),
         Route("/files/result/{result_id:int}", result_file),
         Route("/files/heatmap/{result_id:int}", heatmap_file),
         Route("/static/adqueue.css", _stylesheet()),
+        Route("/metrics", _metrics()),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
                     exception_handlers={HTTPException: _http_error})
     app.state.context = context
+    app.state.metrics = metrics_registry(context.store)
     app.state.templates = _templates()
     return app
 

@@ -16,9 +16,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from adqueue.jobs.drift import KS_CUTOFF, KS_MIN_SAMPLES, drift
+from adqueue.store.notifications import ended_alarms
 from adqueue.store.queries import job_unwritten_note
 from adqueue.store.reviews import ReviewError, clean_reviewer, record_review
 from adqueue.store.session import Store
+from adqueue.web import detail_queries as dq
 from adqueue.web import queries as q
 from adqueue.web.charts import (
     Series,
@@ -27,7 +30,6 @@ from adqueue.web.charts import (
     histogram_svg,
     line_chart_svg,
 )
-from adqueue.web.drift import KS_CUTOFF, KS_MIN_SAMPLES, drift
 
 REVIEWER_COOKIE = "adqueue_reviewer"
 FLAGGED_PER_PAGE = 24
@@ -61,8 +63,9 @@ def _remember_reviewer(response: Response, reviewer: str) -> None:
 def jobs_page(request: Request) -> Response:
     with _store(request).session() as session:
         jobs = q.recent_jobs(session, limit=100)
+        alarms = ended_alarms(session, [job.id for job in jobs])
     refresh = REFRESH_S if any(job.active for job in jobs) else None
-    return _render(request, "jobs.html", jobs=jobs, refresh=refresh)
+    return _render(request, "jobs.html", jobs=jobs, refresh=refresh, alarms=alarms)
 
 
 def relative_folder(folder: str, source: str) -> str:
@@ -92,11 +95,29 @@ def job_page(request: Request) -> Response:
         folders = q.folder_rates(session, job_id)
         reviews = q.review_counts(session, job_id)
         unwritten = job_unwritten_note(session, job_id)
+        alarms = ended_alarms(session, [job_id]).get(job_id, [])
+        params = dq.job_params(session, job_id)
+        metrics = dq.job_metrics(session, job_id)
+        labels = dq.card_labels(session, [row.id for row in flagged.rows]) if job.kind == "evaluate" else {}
+        warnings = dq.model_warnings(session, job.model_id) if job.kind == "train" and job.model_id else []
     histogram = histogram_svg(edges, night, bin_counts(calibration, edges), threshold) if edges else None
     folder_rows = [(relative_folder(f.folder, job.source), f) for f in folders]
     return _render(request, "job.html", job=job, model=model, histogram=histogram, n_calibration=len(calibration),
                    flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request),
-                   unwritten=unwritten)
+                   unwritten=unwritten, alarms=alarms, params=params, metrics=metrics, labels=labels, warnings=warnings,
+                   heatmaps=params.get("heatmaps", "flagged"))
+
+
+def result_page(request: Request) -> Response:
+    """One result at full size: the image beside its heat map, with its score and label."""
+    result_id = request.path_params["result_id"]
+    with _store(request).session() as session:
+        result = dq.result_detail(session, result_id)
+        if result is None:
+            raise HTTPException(404, f"no result {result_id}")
+        job = q.job(session, result.job_id)
+        model = q.model(session, job.model_id) if job and job.model_id else None
+    return _render(request, "result.html", result=result, job=job, model=model)
 
 
 def model_page(request: Request) -> Response:

@@ -2,8 +2,10 @@
 
 Trains and scores the embedded default into a data dir, starts the server with a token on a free
 port, and reviews the job as a person would: every flagged image on every page, a heat map that
-loads, a review click that moves the precision. ADQUEUE_UPDATE_SCREENSHOT=1 also writes the job
-page's screenshot to docs/job-page.png (the README shows it); otherwise it goes to a temp dir.
+loads, a review click that moves the precision, a card opened at full size, an evaluation's and a
+training's page, a 404 with its way back. ADQUEUE_UPDATE_SCREENSHOT=1 also writes the screenshots
+of a score, an evaluate and a train job page to docs/ (the README shows them); otherwise they go
+to a temp dir.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 from sqlalchemy import func, select
 
 from adqueue.core.config import sqlite_url
-from adqueue.store.models import Result, Review
+from adqueue.store.models import Metric, Result, Review
 from adqueue.store.session import Store
 from benchmarks.harness.cli import FAST_MVG, cli_env
 from benchmarks.harness.servers import REPO, free_port, missing, wait_until
@@ -47,8 +49,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[dict]
         pytest.fail(message) if os.environ.get("ADQUEUE_REQUIRE_SERVERS") == "1" else pytest.skip(message)
     root, dump = textures
     data_dir = tmp_path_factory.mktemp("serve")
-    invoke_cli(data_dir, "train", "--data", str(root), "--name", "bricks", *FAST_MVG)
+    train_id = int(invoke_cli(data_dir, "train", "--data", str(root), "--name", "bricks", *FAST_MVG).stdout.split()[0])
     job_id = int(invoke_cli(data_dir, "score", "--model", "bricks", str(dump)).stdout.split()[0])
+    evaluate_id = int(invoke_cli(data_dir, "evaluate", "--model", "bricks", "--data", str(root),
+                                 "--heatmaps", "flagged").stdout.split()[0])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with open(data_dir / "serve.log", "wb") as log:
@@ -67,7 +71,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, textures) -> Iterator[dict]
 
         try:
             wait_until(up, 60, "adqueue serve", interval=0.25)
-            yield {"base": base, "port": port, "job_id": job_id, "store": Store(sqlite_url(data_dir / "adqueue.db"))}
+            yield {"base": base, "port": port, "job_id": job_id, "train_id": train_id, "evaluate_id": evaluate_id,
+                   "store": Store(sqlite_url(data_dir / "adqueue.db"))}
         finally:
             server.terminate()
             server.wait(20)
@@ -129,13 +134,74 @@ def test_a_reviewer_walks_through_the_job_page(served: dict, tmp_path: Path) -> 
             page.screenshot(path=str(shot))  # the viewport: 1280x900
         finally:
             browser.close()
+    keep_screenshot(shot, "job-page.png")
+
+
+def keep_screenshot(shot: Path, name: str) -> None:
     assert shot.read_bytes().startswith(PNG)
     if os.environ.get("ADQUEUE_UPDATE_SCREENSHOT") == "1":  # 256 colors: a third of the bytes, same look
         from PIL import Image
 
         with Image.open(shot) as image:
             small = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        small.save(REPO / "docs" / "job-page.png", optimize=True)
+        small.save(REPO / "docs" / name, optimize=True)
+
+
+def test_cards_open_evaluations_and_trainings_show_what_they_are_about(served: dict, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    base, store = served["base"], served["store"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{base}/jobs/{served['job_id']}?token={TOKEN}")
+            # A thumbnail opens the image at full size beside its heat map, and leads back.
+            first = page.locator("article.flagged-image").first
+            result_id = first.get_attribute("data-result-id")
+            first.locator("a.open").click()
+            page.wait_for_load_state("networkidle")
+            assert page.url == f"{base}/results/{result_id}"
+            for image in ("#full-image", "#full-heatmap"):
+                assert page.evaluate("sel => document.querySelector(sel).naturalWidth", image) > 0
+            shown = page.evaluate("() => document.querySelector('#full-image').getBoundingClientRect().width")
+            assert shown > 400  # several times the ~130 px of a card
+            page.locator("#back").click()
+            page.wait_for_load_state()
+            assert page.url.startswith(f"{base}/jobs/{served['job_id']}")
+
+            # An evaluation: its metrics, and what each flagged image really is.
+            page.goto(f"{base}/jobs/{served['evaluate_id']}")
+            page.wait_for_load_state("networkidle")
+            with store.session() as session:
+                auroc = session.scalar(select(Metric.value).where(Metric.job_id == served["evaluate_id"],
+                                                                  Metric.name == "image_auroc"))
+            shown_auroc = page.locator('#metrics [data-metric="image_auroc"] .n').inner_text()
+            assert float(shown_auroc) == pytest.approx(auroc, abs=1e-4)
+            cards = page.locator("article.flagged-image")
+            assert cards.count() > 0 and page.locator("article.flagged-image .label").count() == cards.count()
+            shot = tmp_path / "evaluate-page.png"
+            page.screenshot(path=str(shot))
+            keep_screenshot(shot, "evaluate-page.png")
+
+            # A training: its self-check and warnings, no score-only sections.
+            page.goto(f"{base}/jobs/{served['train_id']}")
+            page.wait_for_load_state("networkidle")
+            assert float(page.locator("#synthetic-auroc").inner_text()) > 0
+            assert page.locator("#flagged").count() == 0 and page.locator("#precision").count() == 0
+            assert page.locator("#warnings li").count() >= 1  # 24 images: calibrated on only 5
+            shot = tmp_path / "train-page.png"
+            page.screenshot(path=str(shot))
+            keep_screenshot(shot, "train-page.png")
+
+            # A page that is not there says so, with the way back.
+            reply = page.goto(f"{base}/jobs/999999")
+            assert reply is not None and reply.status == 404
+            page.locator("#back").click()
+            page.wait_for_load_state()
+            assert page.url == f"{base}/"
+        finally:
+            browser.close()
 
 
 def test_the_real_server_reads_no_path(served: dict) -> None:

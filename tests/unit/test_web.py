@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 
 from adqueue.core.config import Settings, sqlite_url
 from adqueue.jobs.context import Context
+from adqueue.jobs.drift import KS_CUTOFF, ks_statistic
 from adqueue.store.models import (
     Base,
     Job,
@@ -38,7 +39,6 @@ from adqueue.store.models import (
 from adqueue.web import pages
 from adqueue.web import queries as web_queries
 from adqueue.web.app import create_app
-from adqueue.web.drift import KS_CUTOFF, ks_statistic
 from benchmarks.harness.cli import FAST_MVG
 from benchmarks.harness.servers import REPO
 from tests.helpers.cli import invoke_cli
@@ -443,3 +443,84 @@ def test_pages_read_the_same_on_postgresql(tmp_path: Path) -> None:
     job_page = pages_html["postgres"][1]
     assert text_of(job_page, "precision") == "50.0%" and "<code>line0</code>" in job_page
     assert 'data-job-id="1"' in pages_html["postgres"][3]
+
+
+def test_alarms_show_on_the_jobs_list_and_the_job_page(deployment: dict, client: TestClient) -> None:
+    score_id, tree_id = deployment["ids"]["score"], deployment["ids"]["tree"]
+    # The dump has 2 unreadable files of 18 (11%, more than 5%): the `errors` alarm, computed at its end.
+    assert cells(client.get("/").text, f'data-job-id="{score_id}"')[11] == "errors"
+    assert cells(client.get("/").text, f'data-job-id="{tree_id}"')[11] == ""
+    page = client.get(f"/jobs/{score_id}").text
+    box = re.search(r'<ul class="alarm-box" id="alarms">(.*?)</ul>', page, re.DOTALL)
+    assert box and "errors" in box.group(1) and "2 of 18 files could not be scored" in box.group(1)
+    assert 'id="alarms"' not in client.get(f"/jobs/{tree_id}").text
+
+
+def test_metrics_for_prometheus(deployment: dict, client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    tree_id = deployment["ids"]["tree"]  # the latest score job of model bricks
+    flagged, scored = sql(deployment, select(func.count().filter(Result.is_anomaly.is_(True)), func.count(Result.score))
+                          .where(Result.job_id == tree_id))[0]
+    assert samples[("adqueue_model_anomaly_rate", (("model", "bricks"),))] == pytest.approx(flagged / scored)
+    assert samples[("adqueue_model_flagged", (("model", "bricks"),))] == flagged
+    assert samples[("adqueue_model_alarms", (("alarm", "errors"), ("model", "bricks")))] == 0
+    assert samples[("adqueue_jobs_active", (("kind", "score"), ("status", "running")))] == 0
+
+
+def test_evaluate_and_train_pages_say_what_they_are_about(deployment: dict, client: TestClient) -> None:
+    evaluate_id, train_id = deployment["ids"]["evaluate"], deployment["ids"]["train"]
+    page = client.get(f"/jobs/{evaluate_id}").text
+    stored = dict(sql(deployment, select(Metric.name, Metric.value).where(Metric.job_id == evaluate_id)))
+    assert stored["image_auroc"] > 0.5
+    shown = dict(re.findall(r'data-metric="([^"]+)"><span class="name">[^<]*</span> <span class="n">([^<]*)</span>', page))
+    assert set(shown) == set(stored) and float(shown["image_auroc"]) == pytest.approx(stored["image_auroc"], abs=1e-4)
+    # Each card says what the image is (an evaluation's ground truth); no empty heat-map boxes
+    # where heat maps were not asked for (--heatmaps none).
+    flagged = flagged_ids(deployment, evaluate_id)[:24]
+    labels = dict(sql(deployment, select(Result.id, Result.defect).where(Result.id.in_(flagged))))
+    assert flagged and 'class="no-map"' not in page
+    for result_id in flagged:
+        card = re.search(rf'id="r{result_id}".*?</article>', page, re.DOTALL)
+        assert card and f'href="/results/{result_id}"' in card.group(0)
+        assert re.search(r'class="label label-(good|defective)">([^<]+)<', card.group(0)).group(2) in (
+            labels[result_id], "good", "defective")
+    train = client.get(f"/jobs/{train_id}").text
+    synthetic = sql(deployment, select(Metric.value).where(Metric.job_id == train_id, Metric.name == "synthetic_auroc"))
+    assert float(text_of(train, "synthetic-auroc")) == pytest.approx(synthetic[0][0], abs=1e-3)
+    assert 'id="flagged"' not in train and 'id="precision"' not in train and "Nothing flagged" not in train
+    assert text_of(train, "training-images").startswith(str(sql(deployment, select(Job.n_done).where(
+        Job.id == train_id))[0][0]) + " read")
+
+
+def test_a_result_opens_at_full_size_and_a_404_leads_back(deployment: dict, client: TestClient) -> None:
+    score_id = deployment["ids"]["score"]
+    result_id = flagged_ids(deployment, score_id)[0]
+    page = client.get(f"/results/{result_id}").text
+    assert f'src="/files/result/{result_id}"' in page and f'src="/files/heatmap/{result_id}"' in page
+    assert f'href="/jobs/{score_id}#r{result_id}"' in page
+    missing = client.get("/results/999999", headers={"Accept": "text/html"})
+    assert missing.status_code == 404 and 'href="/" id="back"' in missing.text and "no result 999999" in missing.text
+    assert client.get("/jobs/999999").text == "404: no job 999999"  # a script gets one line
+
+
+def test_a_failed_training_shows_no_phase_counts_as_files(deployment: dict, client: TestClient) -> None:
+    # A training that failed while calibrating 7 images left its phase's counts behind: not its files.
+    with deployment["context"].store.session() as session:
+        failed = Job(kind=JobKind.TRAIN, status=JobStatus.FAILED, source="/x", params={}, n_total=7, n_done=0,
+                     error="the threshold is outside ...")
+        session.add(failed)
+    try:
+        row = cells(client.get("/").text, f'data-job-id="{failed.id}"')
+        assert row[4] == "—" and row[5] == "—"
+        page = client.get(f"/jobs/{failed.id}").text
+        assert text_of(page, "training-images") == "nothing registered" and "/ 7 files" not in page
+        train_row = cells(client.get("/").text, f'data-job-id="{deployment["ids"]["train"]}"')
+        assert train_row[4].endswith(" images")
+    finally:
+        with deployment["context"].store.session() as session:
+            session.execute(Job.__table__.delete().where(Job.id == failed.id))

@@ -15,7 +15,8 @@ samples of 50 from one distribution exceed D = 0.3 by chance about 2% of the tim
 Kolmogorov distribution; far less with more scores on either side), while with 20 and 20 it happens
 every few nights. The statistic is always shown, so a reader can apply a stricter bar.
 
-Pure Python (no scipy: the server must start fast and light).
+Pure Python (no scipy: the server and the read verbs must start fast and light). Used by the trend
+page and by the alarms a job carries when it ends (adqueue/jobs/alarms.py).
 """
 
 from __future__ import annotations
