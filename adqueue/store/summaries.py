@@ -9,8 +9,9 @@ Correct under retries, takeovers and resume: a shard's rows are exactly its item
 unique in a job), and every close rewrites all of them. Each close adds (new - previous) of that
 shard to the job's summary (job_summaries, job_folders), and keeps what it wrote (shard_summaries)
 while the shard may close again: a shard that failed and is resumed replaces its earlier part
-instead of adding to it. A done shard never runs again, so its part is not kept apart. `rebuild` recomputes everything from the rows; a summary
-equals it at all times (tests/unit/test_summaries.py, the chaos scenarios).
+instead of adding to it. A done shard never runs again, so its part is not kept apart. `rebuild`
+recomputes everything from the rows; a summary equals it at all times (tests/unit/test_summaries.py,
+the chaos scenarios).
 
 The histogram bins are the scores' IEEE-754 bits cut to HIST_BITS bits of mantissa: every bin is
 at most 2**-HIST_BITS (0.1%) of its value wide, at any scale and sign, the same bins for every
@@ -18,7 +19,8 @@ job and detector, and mergeable by adding. Quantiles read from it are within hal
 exact ones.
 
 A job without a summary (written before this existed, or rows loaded in bulk) gets one from
-`build_missing`: `adqueue db upgrade` and every reconciler pass call it. Pages never read rows
+`build` (jobs/reconcile.py's build_missing_summaries: `adqueue db upgrade` and every reconciler
+pass). Pages never read rows
 instead: they show the job with its counts pending.
 """
 

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 
 from adqueue.store import summaries
 from adqueue.store.migrate import ensure_schema
