@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +193,10 @@ def histogram_of(stored: Mapping[str, Any] | None) -> Counter[int]:
     return Counter({int(key): int(value) for key, value in (stored or {}).items()})
 
 
+_SHARD_COLUMNS = (ShardSummary.n_rows, ShardSummary.n_scored, ShardSummary.n_flagged, ShardSummary.n_errors,
+                  ShardSummary.n_normal, ShardSummary.histogram, ShardSummary.folders)
+
+
 def _shard_summary(row: ShardSummary | None) -> Summary:
     if row is None:
         return Summary()
@@ -201,16 +205,17 @@ def _shard_summary(row: ShardSummary | None) -> Summary:
 
 
 def _upsert(session: Session, table: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str],
-            set_: dict[str, Any] | None = None) -> None:
+            set_: Callable[[Any], dict[str, Any]] | None = None) -> None:
     """INSERT ... ON CONFLICT (keys) DO UPDATE: with `set_`, those values (they may name
     `excluded`); without, every other column from the new row."""
     if not rows:
         return
     dialect = session.get_bind().dialect.name
-    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    values = set_(insert.excluded) if callable(set_) else {
+    # One statement with many VALUES: an executemany would cost a round trip per row.
+    insert = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(list(rows))
+    values = set_(insert.excluded) if set_ is not None else {
         column: insert.excluded[column] for column in rows[0] if column not in keys}
-    session.execute(insert.on_conflict_do_update(index_elements=list(keys), set_=values), list(rows))
+    session.execute(insert.on_conflict_do_update(index_elements=list(keys), set_=values))
 
 
 def _store_shard(session: Session, job_id: int, shard_id: int, summary: Summary) -> None:
@@ -243,12 +248,12 @@ def record_shard(session: Session, job_id: int, shard_id: int, rows: Sequence[Ma
     the shard closed done, and a done shard never runs again, so its part need not be kept apart.
     Call it after the job row's UPDATE in the same transaction: that lock orders the closers."""
     new = summarize(rows)
-    previous = session.get(ShardSummary, (job_id, shard_id), populate_existing=True)
-    old = _shard_summary(previous)
+    previous = session.execute(
+        delete(ShardSummary).where(ShardSummary.job_id == job_id, ShardSummary.shard_id == shard_id)
+        .returning(*_SHARD_COLUMNS)).first()
+    old = Summary() if previous is None else _shard_summary(ShardSummary(**previous._asdict()))
     if not final:
         _store_shard(session, job_id, shard_id, new)
-    elif previous is not None:
-        session.execute(delete(ShardSummary).where(ShardSummary.job_id == job_id, ShardSummary.shard_id == shard_id))
     job = session.scalars(select(JobSummary).where(JobSummary.job_id == job_id).with_for_update()
                           .execution_options(populate_existing=True)).first()
     if job is None:
