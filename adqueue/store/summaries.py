@@ -26,6 +26,7 @@ instead: they show the job with its counts pending.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections import Counter
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import delete, exists, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -224,22 +225,38 @@ def _store_shard(session: Session, job_id: int, shard_id: int, summary: Summary)
         "folders": summary.folders}], ("job_id", "shard_id"))
 
 
-def _apply(session: Session, job: JobSummary, delta: Summary) -> None:
-    """Add `delta` to a job's summary row (locked by the caller) and its folders."""
-    if delta.empty:
-        return
-    histogram = histogram_of(job.histogram)
-    histogram.update(delta.histogram)
-    session.execute(update(JobSummary).where(JobSummary.job_id == job.job_id).values(
-        **{name: getattr(JobSummary, name) + value for name, value in delta.counts().items()},
-        histogram=_histogram_json({k: v for k, v in histogram.items() if v}), updated_at=utcnow()))
+# The histogram merged in the database, in the UPDATE that adds the counts: no read of the job's
+# histogram (thousands of bins) into Python and back on every close.
+_MERGE_PG = """COALESCE((SELECT json_object_agg(k, s) FROM (
+    SELECT k, SUM(v) AS s FROM (
+        SELECT key AS k, value::text::bigint AS v FROM json_each(job_summaries.histogram)
+        UNION ALL SELECT key, value::text::bigint FROM json_each(CAST(:delta AS json))) AS parts
+    GROUP BY k HAVING SUM(v) <> 0) AS merged), '{}'::json)"""
+_MERGE_SQLITE = """COALESCE((SELECT json_group_object(k, s) FROM (
+    SELECT k, SUM(v) AS s FROM (
+        SELECT key AS k, value AS v FROM json_each(job_summaries.histogram)
+        UNION ALL SELECT key, value FROM json_each(:delta))
+    GROUP BY k HAVING SUM(v) <> 0)), '{}')"""
+
+
+def _apply(session: Session, job_id: int, delta: Summary) -> bool:
+    """Add `delta` to a job's summary and its folders; False if the job has no summary."""
+    counts = delta.counts()
+    values: dict[str, Any] = {name: getattr(JobSummary, name) + value for name, value in counts.items()}
+    values["updated_at"] = utcnow()
+    if delta.histogram:
+        merge = _MERGE_PG if session.get_bind().dialect.name == "postgresql" else _MERGE_SQLITE
+        values["histogram"] = text(merge).bindparams(delta=json.dumps(_histogram_json(delta.histogram)))
+    if not session.execute(update(JobSummary).where(JobSummary.job_id == job_id).values(**values)).rowcount:
+        return False
     columns = ("n_rows", "n_scored", "n_flagged", "n_errors")
-    rows = [{"job_id": job.job_id, "folder": name, **dict(zip(columns, counts, strict=True))}
+    rows = [{"job_id": job_id, "folder": name, **dict(zip(columns, counts, strict=True))}
             for name, counts in sorted(delta.folders.items())]  # sorted: one lock order for all writers
     _upsert(session, JobFolder, rows, ("job_id", "folder"),
             lambda excluded: {column: getattr(JobFolder, column) + excluded[column] for column in columns})
     if any(value < 0 for counts in delta.folders.values() for value in counts):
-        session.execute(delete(JobFolder).where(JobFolder.job_id == job.job_id, JobFolder.n_rows <= 0))
+        session.execute(delete(JobFolder).where(JobFolder.job_id == job_id, JobFolder.n_rows <= 0))
+    return True
 
 
 def record_shard(session: Session, job_id: int, shard_id: int, rows: Sequence[Mapping[str, Any]], *,
@@ -254,18 +271,17 @@ def record_shard(session: Session, job_id: int, shard_id: int, rows: Sequence[Ma
     old = Summary() if previous is None else _shard_summary(ShardSummary(**previous._asdict()))
     if not final:
         _store_shard(session, job_id, shard_id, new)
-    job = session.scalars(select(JobSummary).where(JobSummary.job_id == job_id).with_for_update()
-                          .execution_options(populate_existing=True)).first()
-    if job is None:
-        # A job's first close starts its summary; a job with other rows and no summary (an older
-        # version wrote them) waits for `build`, which reads them all.
-        others = exists().where(Result.job_id == job_id, or_(Result.shard_id.is_(None), Result.shard_id != shard_id))
-        if session.scalar(select(others)):
-            return
-        session.add(JobSummary(job_id=job_id, histogram={}, updated_at=utcnow()))
-        session.flush()
-        job = session.get_one(JobSummary, job_id)
-    _apply(session, job, new.minus(old))
+    delta = new.minus(old)
+    if delta.empty or _apply(session, job_id, delta):
+        return
+    # No summary: a job's first close starts it; a job with other rows (an older version wrote
+    # them) waits for `build`, which reads them all.
+    others = exists().where(Result.job_id == job_id, or_(Result.shard_id.is_(None), Result.shard_id != shard_id))
+    if session.scalar(select(others)):
+        return
+    session.add(JobSummary(job_id=job_id, histogram={}, updated_at=utcnow()))
+    session.flush()
+    _apply(session, job_id, delta)
 
 
 # --- rebuilding from the rows ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Job summaries on SQLite: equal to a rebuild from the rows after every kind of close (retry,
+"""Job summaries on SQLite and PostgreSQL: equal to a rebuild from the rows after every kind of close (retry,
 takeover, give-up, cancel, resume), bins that hold their scores, and summaries built for jobs that
 have none."""
 
@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +28,26 @@ from adqueue.store.transitions import (
 from tests.helpers.store import LEASE, claim, job_with_shards
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'a.db'}")
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    from benchmarks.harness.servers import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'a.db'}"
+    else:
+        from benchmarks.harness.servers import create_database
+
+        url = create_database(request.getfixturevalue("postgres"), f"s_{uuid.uuid4().hex[:10]}")
+    store = Store(url)
     ensure_schema(store)
-    return store
+    yield store
+    store.engine.dispose()
 
 
 def assert_matches_rows(store: Store, job_id: int) -> summaries.Rebuilt:
@@ -153,3 +171,33 @@ def test_quantiles_from_the_bins_are_within_half_a_bin() -> None:
         exact = scores[math.ceil(percent * len(scores) / 100) - 1]
         assert summaries.quantile(summary.histogram, percent / 100) == pytest.approx(
             exact, abs=exact * 2 ** -summaries.HIST_BITS)
+
+
+def test_concurrent_closers_of_one_job_add_up(store: Store) -> None:
+    job_id, shard_ids = job_with_shards(store, n_shards=24)
+    with store.session() as session:
+        from adqueue.store.models import Shard
+        for seq, shard_id in enumerate(shard_ids):
+            session.get_one(Shard, shard_id).items = [[f"/n/c{i % 3}/{seq}_{i}.png", None, None, None]
+                                                      for i in range(64)]
+    failures: list[BaseException] = []
+
+    def closer(mine: list[int]) -> None:
+        try:
+            for shard_id in mine:
+                held = claim(store, shard_id)
+                assert held is not None
+                rows = scored_rows(held.items, shard_id, error_every=11)
+                assert store.transaction(lambda session, held=held, rows=rows: complete_shard(
+                    session, held, rows, n_ok=len(rows), n_failed=0), retry_s=30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=closer, args=(shard_ids[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    kept = assert_matches_rows(store, job_id)
+    assert kept.job.n_rows == 24 * 64
