@@ -29,13 +29,16 @@ from __future__ import annotations
 import json
 import math
 import struct
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate
+from typing import Any, cast
 
 from sqlalchemy import delete, exists, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from adqueue.core.clock import utcnow
@@ -76,44 +79,45 @@ def bin_value(key: int) -> float:
     return low + (high - low) / 2 if math.isfinite(high - low) else low
 
 
-def at_ranks(histogram: Mapping[int, int], ranks: Sequence[int]) -> list[float]:
-    """The scores of the given ranks (1 = lowest, ascending), each placed evenly inside its bin: the
-    j-th of a bin's c scores at low + (j - 1/2) / c of its width."""
-    values: list[float] = []
-    wanted = iter(ranks)
-    rank = next(wanted, None)
-    seen = 0
-    for key in sorted(histogram):
-        count = histogram[key]
-        if count <= 0:
-            continue
-        low, high = bin_bounds(key)
-        width = high - low if math.isfinite(high - low) else 0.0
-        while rank is not None and rank <= seen + count:
-            values.append(low + (rank - seen - 0.5) / count * width)
-            rank = next(wanted, None)
-        seen += count
-        if rank is None:
-            break
-    return values
+class Ranked:
+    """A histogram's bins in score order with running totals: scores by rank without a walk."""
+
+    def __init__(self, histogram: Mapping[int, int]) -> None:
+        self.keys = sorted(key for key, count in histogram.items() if count > 0)
+        self.totals = list(accumulate(histogram[key] for key in self.keys))
+        self.n = self.totals[-1] if self.totals else 0
+
+    def at(self, ranks: Iterable[int]) -> list[float]:
+        """The scores of the given ranks (1 = lowest), each placed evenly inside its bin: the j-th
+        of a bin's c scores at low + (j - 1/2) / c of its width. Ranks past the end are left out."""
+        values = []
+        for rank in ranks:
+            index = bisect_left(self.totals, rank)
+            if rank < 1 or index == len(self.keys):
+                continue
+            before = self.totals[index - 1] if index else 0
+            count = self.totals[index] - before
+            low, high = bin_bounds(self.keys[index])
+            width = high - low if math.isfinite(high - low) else 0.0
+            values.append(low + (rank - before - 0.5) / count * width)
+        return values
+
+    def quantile(self, fraction: float) -> float | None:
+        """The nearest-rank quantile: the score of the smallest rank r with r/n >= fraction."""
+        if not self.n:
+            return None
+        return self.at([min(self.n, max(1, math.ceil(fraction * self.n - 1e-9)))])[0]
+
+    def evenly_spaced(self, n_lowest: int, size: int) -> list[float]:
+        """About `size` evenly spaced scores of the `n_lowest` lowest (all of them if fewer), ascending."""
+        n_lowest = min(n_lowest, self.n)
+        if n_lowest <= size:
+            return self.at(range(1, n_lowest + 1))
+        return self.at(-(-i * n_lowest // size) for i in range(1, size + 1))
 
 
 def quantile(histogram: Mapping[int, int], fraction: float) -> float | None:
-    """The nearest-rank quantile: the score of the smallest rank r with r/n >= fraction."""
-    n = sum(histogram.values())
-    if n <= 0:
-        return None
-    found = at_ranks(histogram, [min(n, max(1, math.ceil(fraction * n - 1e-9)))])
-    return found[0] if found else None
-
-
-def evenly_spaced(histogram: Mapping[int, int], n_lowest: int, size: int) -> list[float]:
-    """About `size` evenly spaced scores of the `n_lowest` lowest (all of them if fewer), ascending."""
-    if n_lowest <= 0:
-        return []
-    if n_lowest <= size:
-        return at_ranks(histogram, range(1, n_lowest + 1))
-    return at_ranks(histogram, [-(-i * n_lowest // size) for i in range(1, size + 1)])
+    return Ranked(histogram).quantile(fraction)
 
 
 def folder_of(path: str) -> str:
@@ -247,7 +251,9 @@ def _apply(session: Session, job_id: int, delta: Summary) -> bool:
     if delta.histogram:
         merge = _MERGE_PG if session.get_bind().dialect.name == "postgresql" else _MERGE_SQLITE
         values["histogram"] = text(merge).bindparams(delta=json.dumps(_histogram_json(delta.histogram)))
-    if not session.execute(update(JobSummary).where(JobSummary.job_id == job_id).values(**values)).rowcount:
+    updated = cast(CursorResult[Any], session.execute(update(JobSummary).where(JobSummary.job_id == job_id)
+                                                     .values(**values)))
+    if not updated.rowcount:
         return False
     columns = ("n_rows", "n_scored", "n_flagged", "n_errors")
     rows = [{"job_id": job_id, "folder": name, **dict(zip(columns, counts, strict=True))}

@@ -224,7 +224,7 @@ def parse_cursor(raw: str | None) -> tuple[float, int] | None:
         return None
 
 
-def _cursor(param: str, score: float, row_id: int) -> str:
+def _cursor(param: str, score: float | None, row_id: int) -> str:
     return f"&{param}=" + quote(f"{score!r}_{row_id}")
 
 
@@ -328,11 +328,11 @@ def trend(session: Session, model_name: str, source: str, limit: int = 90) -> li
     ):
         point = points[job_id]
         point.n_scored, point.n_flagged, point.n_normal = int(n_scored), int(n_flagged), int(n_normal)
-        histogram = summaries.histogram_of(stored)
+        ranked = summaries.Ranked(summaries.histogram_of(stored))
         for percent in QUANTILES:
-            value = summaries.quantile(histogram, percent / 100)
+            value = ranked.quantile(percent / 100)
             if value is not None:
                 point.quantiles[percent] = value
         # Not flagged means at or below the threshold: the lowest n_normal scores are the normal part.
-        point.normal_sample = summaries.evenly_spaced(histogram, point.n_normal, TREND_SAMPLE)
+        point.normal_sample = ranked.evenly_spaced(point.n_normal, TREND_SAMPLE)
     return list(points.values())
