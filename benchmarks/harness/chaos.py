@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
+from adqueue.store import summaries
 from adqueue.store.models import Job, JobStatus, Result, Run, RunKind, RunOutcome, Shard, ShardStatus
 
 from .cli import FAST_MVG, cli_env, run_cli
@@ -48,6 +49,7 @@ class Outcome:
     seconds: float  # from the fault to the job's end
     bound_s: float | None  # what `seconds` must stay within (from when a worker was there to heal it)
     note: str = ""
+    summary_matches: bool = True  # the job's summary equals a rebuild from its rows
 
     @property
     def in_time(self) -> bool:
@@ -56,7 +58,7 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return (self.status == JobStatus.DONE and self.rows == self.distinct_paths == self.files
-                and self.double_completions == 0 and self.in_time)
+                and self.double_completions == 0 and self.in_time and self.summary_matches)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "ok": self.ok}
@@ -225,10 +227,16 @@ class ChaosDeployment:
                                      .where(Result.job_id == job_id, Result.run_id != Shard.run_id))
             return rows, distinct, twice + foreign
 
+        def summary_matches(session) -> bool:
+            kept = summaries.stored(session, job_id)
+            rebuilt = summaries.rebuild(session, job_id)
+            return kept is not None and kept.job == rebuilt.job and kept.shards == rebuilt.shards
+
         rows, distinct, doubles = self.query(count)
         start = max(fault_at, healer_from or fault_at)
         return Outcome(scenario, self.database, self.job(job_id).status, files, rows, distinct, doubles,
-                       round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note)
+                       round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note,
+                       summary_matches=bool(self.query(summary_matches)))
 
 
 # --- the scenarios ---------------------------------------------------------------------------------

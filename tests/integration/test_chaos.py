@@ -1,6 +1,7 @@
 """Every fault scenario of benchmarks/chaos.py, on SQLite and on PostgreSQL: the job ends `done`
 with exactly one row per file, no shard's rows written by two runs, within two lease periods
-plus the reconciler interval of the fault (or of a worker being there to heal it)."""
+plus the reconciler interval of the fault (or of a worker being there to heal it), and its summary
+equal to a rebuild from its rows (retries, takeovers, cancel and resume included)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,4 @@ def test_the_job_ends_done_with_one_row_per_file(request: pytest.FixtureRequest,
     assert outcome.rows == outcome.distinct_paths == outcome.files, outcome
     assert outcome.double_completions == 0, outcome
     assert outcome.in_time, outcome
+    assert outcome.summary_matches, outcome  # the summary equals a rebuild from the rows
