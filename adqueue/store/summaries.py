@@ -33,6 +33,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any, cast
 
@@ -65,6 +66,7 @@ def _from_bits(k: int) -> float:
     return float(_DOUBLE.unpack(_BITS.pack(bits))[0])
 
 
+@lru_cache(maxsize=1 << 16)  # pages read the same bins night after night
 def bin_bounds(key: int) -> tuple[float, float]:
     """The scores a bin holds, [low, high) for positive bins, (low, high] for negative ones."""
     if key >= 0:
@@ -88,17 +90,20 @@ class Ranked:
         self.n = self.totals[-1] if self.totals else 0
 
     def at(self, ranks: Iterable[int]) -> list[float]:
-        """The scores of the given ranks (1 = lowest), each placed evenly inside its bin: the j-th
-        of a bin's c scores at low + (j - 1/2) / c of its width. Ranks past the end are left out."""
+        """The scores of the given ranks (1 = lowest, ascending), each placed evenly inside its
+        bin: the j-th of a bin's c scores at low + (j - 1/2) / c of its width. Ranks past the end
+        are left out."""
         values = []
+        index, low, width, before, count = -1, 0.0, 0.0, 0, 0
         for rank in ranks:
-            index = bisect_left(self.totals, rank)
-            if rank < 1 or index == len(self.keys):
+            if rank < 1 or rank > self.n:
                 continue
-            before = self.totals[index - 1] if index else 0
-            count = self.totals[index] - before
-            low, high = bin_bounds(self.keys[index])
-            width = high - low if math.isfinite(high - low) else 0.0
+            if not before < rank <= before + count:  # another bin than the last rank's
+                index = bisect_left(self.totals, rank, lo=max(index, 0) if rank > before else 0)
+                before = self.totals[index - 1] if index else 0
+                count = self.totals[index] - before
+                low, high = bin_bounds(self.keys[index])
+                width = high - low if math.isfinite(high - low) else 0.0
             values.append(low + (rank - before - 0.5) / count * width)
         return values
 

@@ -9,9 +9,11 @@ same for a night of 100 or 10,000,000 images. Portable between SQLite and Postgr
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from threading import Lock
 from typing import Any
 from urllib.parse import quote
 
@@ -309,6 +311,37 @@ def evaluations(session: Session, model_ids: Sequence[int]) -> list[Evaluation]:
     return list(grouped.values())
 
 
+class _ShapeCache:
+    """Quantiles and normal sample per (job, summary version): a night that ended is read once."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.items: OrderedDict[Any, tuple[dict[int, float], list[float]]] = OrderedDict()
+        self.lock = Lock()
+
+    def get(self, key: Any) -> tuple[dict[int, float], list[float]] | None:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+            return self.items.get(key)
+
+    def put(self, key: Any, value: tuple[dict[int, float], list[float]]) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_shape_cache = _ShapeCache()
+
+
+def _shape(stored: dict[str, Any] | None, n_normal: int) -> tuple[dict[int, float], list[float]]:
+    ranked = summaries.Ranked(summaries.histogram_of(stored))
+    quantiles = {percent: value for percent in QUANTILES if (value := ranked.quantile(percent / 100)) is not None}
+    # Not flagged means at or below the threshold: the lowest n_normal scores are the normal part.
+    return quantiles, ranked.evenly_spaced(n_normal, TREND_SAMPLE)
+
+
 def trend(session: Session, model_name: str, source: str, limit: int = 90) -> list[TrendPoint]:
     """The latest `limit` score jobs of any version of `model_name` on `source`, oldest first, with
     anomaly rate, score quantiles and a sample of the normal scores (not flagged), all from their
@@ -322,17 +355,19 @@ def trend(session: Session, model_name: str, source: str, limit: int = 90) -> li
     points = {row[0]: TrendPoint(*row) for row in reversed(jobs)}
     if not points:
         return []
-    for job_id, n_scored, n_flagged, n_normal, stored in session.execute(
-        select(JobSummary.job_id, JobSummary.n_scored, JobSummary.n_flagged, JobSummary.n_normal, JobSummary.histogram)
-        .where(JobSummary.job_id.in_(list(points)))
-    ):
+    found = session.execute(
+        select(JobSummary.job_id, JobSummary.n_scored, JobSummary.n_flagged, JobSummary.n_normal,
+               JobSummary.updated_at).where(JobSummary.job_id.in_(list(points)))).all()
+    keys = {job_id: (job_id, str(updated_at), int(n_normal), TREND_SAMPLE) for job_id, _, _, n_normal, updated_at in found}
+    missing = [job_id for job_id, key in keys.items() if _shape_cache.get(key) is None]
+    histograms: dict[int, Any] = dict(session.execute(select(JobSummary.job_id, JobSummary.histogram)
+                                      .where(JobSummary.job_id.in_(missing))).all()) if missing else {}
+    for job_id, n_scored, n_flagged, n_normal, _ in found:
         point = points[job_id]
         point.n_scored, point.n_flagged, point.n_normal = int(n_scored), int(n_flagged), int(n_normal)
-        ranked = summaries.Ranked(summaries.histogram_of(stored))
-        for percent in QUANTILES:
-            value = ranked.quantile(percent / 100)
-            if value is not None:
-                point.quantiles[percent] = value
-        # Not flagged means at or below the threshold: the lowest n_normal scores are the normal part.
-        point.normal_sample = ranked.evenly_spaced(point.n_normal, TREND_SAMPLE)
+        shape = _shape_cache.get(keys[job_id])
+        if shape is None:
+            shape = _shape(histograms.get(job_id), point.n_normal)
+            _shape_cache.put(keys[job_id], shape)
+        point.quantiles, point.normal_sample = dict(shape[0]), list(shape[1])
     return list(points.values())
