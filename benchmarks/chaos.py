@@ -69,13 +69,14 @@ def run(database: str, scenarios: list[str], folder: Path, root: Path, dump: Pat
 def table(outcomes: list[Outcome]) -> str:
     lines = [
         "| scenario | database | final status | files | result rows | distinct paths | shards written twice "
-        "| started_at set | fault → end | bound | |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| started_at set | fault → end | bound | summary = rows | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         bound = "no fault" if o.bound_s is None else f"{o.bound_s:.1f} s"
         lines.append(f"| {o.scenario} | {o.database} | {o.status} | {o.files} | {o.rows} | {o.distinct_paths} | "
                      f"{o.double_completions} | {'yes' if o.started else 'NO'} | {o.seconds:.1f} s | {bound} | "
+                     f"{'yes' if o.summary_matches else 'NO'} | "
                      f"{o.note}{f'; {o.heatmap_faults} heat map(s) missing or not their run' if o.heatmap_faults else ''} |")
     return "\n".join(lines)
 

@@ -75,12 +75,19 @@ def db() -> None:
 @db.command("upgrade")
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
-    """Create or upgrade the schema to the latest revision (other verbs do this on first use too)."""
+    """Create or upgrade the schema to the latest revision (other verbs do this on first use too),
+    then build the summary of every job that has none (written by an older version, or rows loaded
+    in bulk): the pages read summaries, never a night's rows."""
+    from adqueue.jobs.reconcile import build_missing_summaries
+
     settings = settings_from(ctx)
     store = Store(settings.database_url)
     store.check_reachable()
     changed = upgrade(store)
     info(f"{store.safe_url}: {'upgraded to' if changed else 'already at'} revision {head_revision()}")
+    built = build_missing_summaries(store)
+    if built:
+        info(f"summaries built for {built} job(s) from their result rows")
 
 
 @cli.command()

@@ -8,7 +8,9 @@ One pass, in order:
    failed. A submission whose submitter died is continued from the last shard it wrote.
 3. Jobs whose shards are all closed move on: a score job ends, an evaluate job is sent to its
    finishing step.
-4. The SQL rows are the outbox. Work never sent is sent. Work sent a while ago that is still
+4. Score and evaluate jobs without a summary (written by an older version, or rows loaded in
+   bulk) get one built from their rows (store/summaries.py), one job per transaction.
+5. The SQL rows are the outbox. Work never sent is sent. Work sent a while ago that is still
    waiting is compared with the broker: if the queue holds fewer messages than SQL has waiting
    work (Redis restarted without persistence, say), the queue is read and what is missing is sent
    again. Shards simply waiting behind others keep their one message.
@@ -33,7 +35,9 @@ from adqueue.jobs.outbox import send_owed
 from adqueue.jobs.ports import Dispatcher, Outbox
 from adqueue.jobs.submit import continue_submission
 from adqueue.store import reconciler_queries as queries
+from adqueue.store import summaries
 from adqueue.store.models import JobKind, JobStatus
+from adqueue.store.session import Store
 from adqueue.store.transitions import (
     Closing,
     claim_submission,
@@ -61,6 +65,7 @@ class ReconcileReport:
     embedded_stopped: int = 0
     messages_sent: int = 0
     messages_resent: int = 0
+    summaries_built: int = 0
     dead_letters: int = 0  # malformed queue entries workers moved aside (`<queue>.dead`): a state, not a change
 
     def changed(self) -> bool:
@@ -84,6 +89,7 @@ def reconcile(
     _expired_shards(ctx, now, report)
     _expired_jobs(ctx, dispatchers, worker, now, report)
     _complete_jobs(ctx, dispatchers, report)
+    report.summaries_built += build_missing_summaries(ctx.store)
     for queue, dispatcher in dispatchers.items():
         if queue is not None:
             _outbox(ctx, queue, cast(Outbox, dispatcher), now, report)  # a queue's dispatcher reads it back too
@@ -156,6 +162,18 @@ def _complete_jobs(ctx: Context, dispatchers: Mapping[str | None, Dispatcher], r
                 report.jobs_ended += close_if_complete(session, job_id) is not None
         elif queue in dispatchers:  # an evaluate job's finishing goes to its own queue (or process)
             report.finishes_sent += after_shard_closed(ctx, job_id, dispatchers[queue]) is Closing.FINISH
+
+
+def build_missing_summaries(store: Store) -> int:
+    """Build the summary of every score and evaluate job that has none; how many were built."""
+    with store.session() as session:
+        missing = summaries.missing(session)
+    built = 0
+    for job_id in missing:
+        with store.session() as session:
+            built += summaries.build(session, job_id)
+        log.info("job %s: summary built from its rows", job_id)
+    return built
 
 
 def _outbox(ctx: Context, queue: str, outbox: Outbox, now: datetime, report: ReconcileReport) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -238,6 +239,13 @@ class Result(Base):
         Index("ix_results_job_score", "job_id", "score"),
         Index("ix_results_model", "model_id"),
         Index("ix_results_model_path", "model_id", "path"),
+        # The review's pages: flagged images worst first (keyset on score, id), and error rows by
+        # path. Partial, so they hold ~1% of a night, and the predicates are written exactly as
+        # the queries write them (SQLite uses a partial index only for a literal match).
+        Index("ix_results_flagged", "job_id", "score", "id",
+              sqlite_where=text("is_anomaly IS 1"), postgresql_where=text("is_anomaly IS true")),
+        Index("ix_results_errors", "job_id", "path",
+              sqlite_where=text("error IS NOT NULL"), postgresql_where=text("error IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -286,3 +294,51 @@ class Review(Base):
     verdict: Mapped[ReviewVerdict] = mapped_column(EnumText(ReviewVerdict))
     reviewer: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobSummary(Base):
+    """A score or evaluate job's result rows summed up (store/summaries.py keeps it current as shards
+    close, in the same transaction): what the pages and verbs read instead of the rows.
+    `histogram`: score bin (summaries.score_bin) -> rows, as JSON."""
+
+    __tablename__ = "job_summaries"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    n_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_scored: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_flagged: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_normal: Mapped[int] = mapped_column(BigInteger, default=0)  # scored and not flagged
+    histogram: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShardSummary(Base):
+    """What a shard's last close wrote, kept while the shard may close again (it is not done): the
+    part of its job's summary that its next close replaces. `folders`: directory -> [rows, scored,
+    flagged, errors]."""
+
+    __tablename__ = "shard_summaries"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    shard_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    n_rows: Mapped[int] = mapped_column(Integer, default=0)
+    n_scored: Mapped[int] = mapped_column(Integer, default=0)
+    n_flagged: Mapped[int] = mapped_column(Integer, default=0)
+    n_errors: Mapped[int] = mapped_column(Integer, default=0)
+    n_normal: Mapped[int] = mapped_column(Integer, default=0)
+    histogram: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    folders: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class JobFolder(Base):
+    """A job's result rows per directory (the path up to its last "/"), kept with its summary."""
+
+    __tablename__ = "job_folders"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    folder: Mapped[str] = mapped_column(Text, primary_key=True)
+    n_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_scored: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_flagged: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_errors: Mapped[int] = mapped_column(BigInteger, default=0)

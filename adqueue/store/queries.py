@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from adqueue.core.clock import aware, utcnow
 from adqueue.core.errors import AdqueueError, JobNotFound, ModelNotFound
-from adqueue.store.models import Job, JobKind, JobStatus, Metric, Model, Result, Run, Shard, ShardStatus
+from adqueue.store.models import Job, JobKind, JobStatus, JobSummary, Metric, Model, Result, Run, Shard, ShardStatus
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -110,6 +110,9 @@ class JobRow:
     n_scored: int = 0  # result rows with a score
     n_flagged: int = 0
     n_errors: int = 0  # result rows with an error
+    # False: a score or evaluate job whose summary is not built yet (the reconciler builds it); its
+    # result counts read 0 until then.
+    summarized: bool = True
 
     @property
     def model(self) -> str | None:
@@ -148,7 +151,7 @@ class JobRow:
 
 def list_jobs(session: Session, limit: int = 20, *, counts: bool = False, job_id: int | None = None) -> list[JobRow]:
     """The latest `limit` jobs (or job `job_id`), newest first; `counts`: with their result rows
-    counted (scored, flagged, errors)."""
+    counted (scored, flagged, errors), as their summaries keep them."""
     where = [] if job_id is None else [Job.id == job_id]
     jobs = session.execute(
         select(Job, Model.name, Model.version).outerjoin(Model, Model.id == Job.model_id)
@@ -156,11 +159,10 @@ def list_jobs(session: Session, limit: int = 20, *, counts: bool = False, job_id
     ).all()
     ids = [job.id for job, _, _ in jobs]
     found: dict[int, tuple[int, int, int]] = {}
-    if ids and counts:  # one aggregate over the listed jobs' results, not over the whole table
+    if ids and counts:
         for listed, scored, flagged, errors in session.execute(
-            select(Result.job_id, func.count(Result.score), count_if(Result.is_anomaly.is_(True)),
-                   count_if(Result.error.is_not(None)))
-            .where(Result.job_id.in_(ids)).group_by(Result.job_id)
+            select(JobSummary.job_id, JobSummary.n_scored, JobSummary.n_flagged, JobSummary.n_errors)
+            .where(JobSummary.job_id.in_(ids))
         ):
             found[listed] = (int(scored), int(flagged), int(errors))
     rows = []
@@ -171,7 +173,7 @@ def list_jobs(session: Session, limit: int = 20, *, counts: bool = False, job_id
             model_version=version, source=job.source, n_total=job.n_total, n_done=job.n_done, n_failed=job.n_failed,
             n_skipped=job.n_skipped or 0, phase=job.phase, error=job.error, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, n_scored=n_scored, n_flagged=n_flagged,
-            n_errors=n_errors))
+            n_errors=n_errors, summarized=not counts or job.kind == JobKind.TRAIN or job.id in found))
     return rows
 
 
@@ -184,20 +186,37 @@ def job_results(
     if job.kind == JobKind.TRAIN:  # an empty table would read as "nothing scored"
         raise AdqueueError(f"job {job_id} is a train job: it has no per-image results; its outcome is in "
                            f"`adqueue jobs {job_id}` (status, counts, synthetic AUROC) and `adqueue models`")
-    query = select(Result).where(Result.job_id == job_id)
-    if anomalous:
-        query = query.where(Result.is_anomaly.is_(True))
-    query = query.order_by(Result.score.desc().nulls_last(), Result.path)
-    if top:
-        query = query.limit(top)
+    rows = _top_results(session, job_id, anomalous, top) if top else session.scalars(
+        _results_of(job_id, anomalous).order_by(Result.score.desc().nulls_last(), Result.path))
     return [
         {
             "path": r.path, "score": r.score, "is_anomaly": r.is_anomaly, "heatmap_path": r.heatmap_path,
             "error": r.error, "width": r.width, "height": r.height, "sha256": r.sha256,
             "label": r.label, "defect": r.defect, "scores": r.scores,
         }
-        for r in session.scalars(query)
+        for r in rows
     ]
+
+
+def _results_of(job_id: int, anomalous: bool) -> Any:
+    query = select(Result).where(Result.job_id == job_id)
+    return query.where(Result.is_anomaly.is_(True)) if anomalous else query
+
+
+def _top_results(session: Session, job_id: int, anomalous: bool, top: int) -> list[Result]:
+    """The `top` highest scores (then rows without a score, by path), read along an index: the
+    score of the top-th row first (ix_results_job_score, or ix_results_flagged), then the rows
+    at or above it, ties included, sorted as the full listing sorts them."""
+    scored = _results_of(job_id, anomalous).where(Result.score.is_not(None))
+    cut = session.scalar(scored.with_only_columns(Result.score).order_by(Result.score.desc())
+                         .offset(top - 1).limit(1))
+    if cut is not None:
+        scored = scored.where(Result.score >= cut)
+    rows = list(session.scalars(scored.order_by(Result.score.desc(), Result.path)))[:top]
+    if len(rows) < top and not anomalous:  # rows without a score: the start of ix_results_job_score
+        rows += session.scalars(_results_of(job_id, anomalous).where(Result.score.is_(None))
+                                .order_by(Result.path).limit(top - len(rows)))
+    return rows
 
 
 def _latest_metric(name: str) -> Any:

@@ -39,6 +39,7 @@ from adqueue.store.models import (
     Job,
     JobKind,
     JobStatus,
+    JobSummary,
     Metric,
     Run,
     RunKind,
@@ -47,6 +48,7 @@ from adqueue.store.models import (
     ShardStatus,
 )
 from adqueue.store.results import upsert_results
+from adqueue.store.summaries import record_shard
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def complete_shard(
         update(Job).where(Job.id == claimed.job_id)
         .values(n_done=Job.n_done + n_ok, n_failed=Job.n_failed + n_failed, heartbeat_at=now)
     )
+    record_shard(session, claimed.job_id, claimed.shard_id, rows, final=status == ShardStatus.DONE)
     end_run(session, claimed.run_id, RunOutcome.DONE if status == ShardStatus.DONE else RunOutcome.FAILED,
             error, now)
     return True
@@ -231,12 +234,13 @@ def give_up_shard(session: Session, shard_id: int, run_id: int, error: str, *, m
         return False
     job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
     message = f"shard failed: {error}"
-    upsert_results(session, [
-        {"job_id": job_id, "shard_id": shard_id, "run_id": run_id, "model_id": model_id, "path": path,
-         "label": label, "defect": defect, "error": message, "scored_at": now}
-        for path, label, defect, *_ in items
-    ])
+    rows = [{"job_id": job_id, "shard_id": shard_id, "run_id": run_id, "model_id": model_id, "path": path,
+             "label": label, "defect": defect, "error": message, "scored_at": now}
+            for path, label, defect, *_ in items]
+    upsert_results(session, rows)
     session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + len(items), heartbeat_at=now))
+    assert job_id is not None, "the shard was just updated"
+    record_shard(session, job_id, shard_id, rows, final=False)
     end_run(session, run_id, RunOutcome.EXPIRED if only_if_expired else RunOutcome.FAILED, error, now)
     return True
 
@@ -276,6 +280,7 @@ def create_job(session: Session, *, kind: str, source: str, params: dict[str, An
     session.flush()
     if not sharded:
         return ClaimedJob(0, job.id, kind, 0)
+    session.add(JobSummary(job_id=job.id, histogram={}, updated_at=now))
     run_id = _start_run(session, RunKind.SUBMIT, job.id, worker, now)
     job.run_id, job.lease_expires_at = run_id, lease_until
     return ClaimedJob(run_id, job.id, kind, 0)

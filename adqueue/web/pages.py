@@ -90,7 +90,8 @@ def job_page(request: Request) -> Response:
         bounds = [v for v in (low, high, threshold) if v is not None] + calibration  # one scale for all three
         edges = bin_edges(min(bounds), max(bounds), HISTOGRAM_BINS) if low is not None else []
         night = q.score_histogram(session, job_id, edges) if edges else []
-        flagged = q.flagged_page(session, job_id, page, FLAGGED_PER_PAGE)
+        start = q.parse_cursor(request.query_params.get("from"))
+        flagged = q.flagged_page(session, job_id, page, FLAGGED_PER_PAGE, start)
         errors = q.error_page(session, job_id, errors_page, ERRORS_PER_PAGE)
         folders = q.folder_rates(session, job_id)
         reviews = q.review_counts(session, job_id)
@@ -103,7 +104,8 @@ def job_page(request: Request) -> Response:
     histogram = histogram_svg(edges, night, bin_counts(calibration, edges), threshold) if edges else None
     folder_rows = [(relative_folder(f.folder, job.source), f) for f in folders]
     return _render(request, "job.html", job=job, model=model, histogram=histogram, n_calibration=len(calibration),
-                   flagged=flagged, errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request),
+                   flagged=flagged, flagged_from=request.query_params.get("from", "") if flagged.here_extra else "",
+                   errors=errors, folders=folder_rows, reviews=reviews, reviewer=reviewer_of(request),
                    unwritten=unwritten, alarms=alarms, params=params, metrics=metrics, labels=labels, warnings=warnings,
                    heatmaps=params.get("heatmaps", "flagged"))
 
@@ -162,6 +164,7 @@ async def review(request: Request) -> Response:
     result_id = request.path_params["result_id"]
     form = await request.form()
     verdict, page = str(form.get("verdict", "")), str(form.get("page", "1"))
+    start = q.parse_cursor(str(form.get("from", "")))
     reviewer = clean_reviewer(str(form.get("reviewer") or "")) if form.get("reviewer") else reviewer_of(request)
 
     def write() -> int:
@@ -175,7 +178,8 @@ async def review(request: Request) -> Response:
         job_id = await run_in_threadpool(write)
     except ReviewError as exc:
         raise HTTPException(404 if "no result" in str(exc) else 400, str(exc)) from None
-    target = f"/jobs/{job_id}?page={int(page) if page.isdigit() and len(page) < 10 else 1}#r{result_id}"
+    at = f"&from={quote(f'{start[0]!r}_{start[1]}')}" if start else ""
+    target = f"/jobs/{job_id}?page={int(page) if page.isdigit() and len(page) < 10 else 1}{at}#r{result_id}"
     response = RedirectResponse(target, status_code=303)
     _remember_reviewer(response, reviewer)
     return response

@@ -1,33 +1,42 @@
 """The read side of the morning review (`adqueue serve`): every query its pages run.
 
-Plain selects with the counting done in SQL (GROUP BY, CASE, window functions), a bounded number
-of statements per page whatever the size of a night, and paged lists. Portable between SQLite and
-PostgreSQL: no percentile_cont, no FLOOR, no string functions beyond replace and rtrim.
+Nothing here reads a night's rows to count them: counts, score histograms, quantiles and folder
+rates come from the job summaries kept as shards close (store/summaries.py); lists are read along
+an index, the flagged images by keyset on (score, id) through ix_results_flagged. A page costs the
+same for a night of 100 or 10,000,000 images. Portable between SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from threading import Lock
 from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from adqueue.store import summaries
 from adqueue.store.models import (
     Job,
+    JobFolder,
     JobKind,
+    JobSummary,
     Metric,
     Model,
     Result,
     Review,
     ReviewVerdict,
 )
-from adqueue.store.queries import JobRow, count_if, list_jobs
+from adqueue.store.queries import JobRow, list_jobs
 
-# Trend: ranks kept per job for the drift test. The KS statistic of a systematic sample of the
-# sorted scores is within about 1/TREND_SAMPLE of the full night's.
+# Trend: scores kept per job for the drift test, evenly spaced over the normal part of the
+# summary's histogram. The KS statistic of such a sample is within about 1/TREND_SAMPLE (plus
+# a bin's share) of the full night's.
 TREND_SAMPLE = 2000
 QUANTILES = (50, 90, 99)
 
@@ -56,6 +65,11 @@ class Page:
     total: int
     page: int
     per_page: int
+    # Keyset pages: what the links to the previous and next page and back to this one add to
+    # their query string (the first row of the page they lead to).
+    prev_extra: str = ""
+    next_extra: str = ""
+    here_extra: str = ""
 
     @property
     def pages(self) -> int:
@@ -165,28 +179,35 @@ def result_files(session: Session, result_id: int) -> tuple[str, str | None, str
 
 
 def score_range(session: Session, job_id: int) -> tuple[float | None, float | None]:
-    low, high = session.execute(
-        select(func.min(Result.score), func.max(Result.score)).where(Result.job_id == job_id)
-    ).one()
-    return low, high
+    """The job's lowest and highest score: the two ends of ix_results_job_score."""
+    scored = select(Result.score).where(Result.job_id == job_id, Result.score.is_not(None)).limit(1)
+    return (session.scalar(scored.order_by(Result.score)), session.scalar(scored.order_by(Result.score.desc())))
+
+
+def _summary(session: Session, job_id: int) -> JobSummary | None:
+    return session.get(JobSummary, job_id)
 
 
 def score_histogram(session: Session, job_id: int, edges: Sequence[float]) -> list[int]:
-    """How many of the job's scores fall in each bin [edges[i], edges[i+1]) (the last bin closed)."""
+    """How many of the job's scores fall in each bin [edges[i], edges[i+1]) (the last bin closed),
+    from its summary's finer bins (each counted where its middle falls)."""
     n_bins = len(edges) - 1
-    if n_bins < 1:
-        return []
-    # A CASE ladder rather than arithmetic: FLOOR and integer casts differ between SQLite and PostgreSQL.
-    # Grouped through a subquery: PostgreSQL would not see two copies of an expression with bound
-    # parameters (the edges) in SELECT and GROUP BY as the same expression.
-    binned = select(case(*[(Result.score < edge, index) for index, edge in enumerate(edges[1:-1])],
-                         else_=n_bins - 1).label("bin")).where(
-        Result.job_id == job_id, Result.score.is_not(None), Result.score >= edges[0], Result.score <= edges[-1]
-    ).subquery()
+    summary = _summary(session, job_id)
+    if n_bins < 1 or summary is None:
+        return [0] * max(n_bins, 0)
     counts = [0] * n_bins
-    for index, count in session.execute(select(binned.c.bin, func.count()).group_by(binned.c.bin)):
-        counts[int(index)] = int(count)
+    for key, count in summaries.histogram_of(summary.histogram).items():
+        index = bisect_right(edges, summaries.bin_value(key)) - 1
+        counts[min(max(index, 0), n_bins - 1)] += count
     return counts
+
+
+def _latest_verdicts(session: Session, result_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    if not result_ids:
+        return {}
+    latest = select(func.max(Review.id)).where(Review.result_id.in_(result_ids)).group_by(Review.result_id)
+    return {result_id: (verdict, reviewer) for result_id, verdict, reviewer in session.execute(
+        select(Review.result_id, Review.verdict, Review.reviewer).where(Review.id.in_(latest)))}
 
 
 def _latest_reviews(result_filter: Any) -> Any:
@@ -195,32 +216,59 @@ def _latest_reviews(result_filter: Any) -> Any:
             .where(result_filter).group_by(Review.result_id))
 
 
-def flagged_page(session: Session, job_id: int, page: int, per_page: int) -> Page:
-    """The job's flagged images, worst first, with each one's latest verdict."""
-    flagged = and_(Result.job_id == job_id, Result.is_anomaly.is_(True))
-    total = session.scalar(select(func.count()).select_from(Result).where(flagged)) or 0
-    page = _clamp(page, total, per_page)
-    shown = (select(Result).where(flagged).order_by(Result.score.desc().nulls_last(), Result.id)
-             .offset((page - 1) * per_page).limit(per_page)).subquery()
-    latest = select(Review.result_id, Review.verdict, Review.reviewer).where(
-        Review.id.in_(_latest_reviews(Result.id.in_(select(shown.c.id))))).subquery()
-    rows = session.execute(
-        select(shown.c.id, shown.c.path, shown.c.score, shown.c.heatmap_path, shown.c.width, shown.c.height,
-               latest.c.verdict, latest.c.reviewer)
-        .outerjoin(latest, latest.c.result_id == shown.c.id)
-        .order_by(shown.c.score.desc().nulls_last(), shown.c.id)
-    ).all()
-    return Page([FlaggedRow(*row) for row in rows], int(total), page, per_page)
+def parse_cursor(raw: str | None) -> tuple[float, int] | None:
+    """A flagged page's first row, (score, id), as its links carry it ("SCORE_ID"); None if absent
+    or malformed."""
+    score, _, row_id = (raw or "").rpartition("_")
+    try:
+        return float(score), int(row_id)
+    except ValueError:
+        return None
+
+
+def _cursor(param: str, score: float | None, row_id: int) -> str:
+    return f"&{param}=" + quote(f"{score!r}_{row_id}")
+
+
+def flagged_page(session: Session, job_id: int, page: int, per_page: int,
+                 start: tuple[float, int] | None = None) -> Page:
+    """The job's flagged images, worst first (score, then id, descending), with each one's latest
+    verdict: `per_page` rows from `start` (a row's (score, id); None: from the top), read along
+    ix_results_flagged. `page` is the number shown."""
+    summary = _summary(session, job_id)
+    total = int(summary.n_flagged) if summary else 0
+    flagged = [Result.job_id == job_id, Result.is_anomaly.is_(True)]
+    query = select(Result.id, Result.path, Result.score, Result.heatmap_path, Result.width, Result.height).where(*flagged)
+    prev_extra = ""
+    if start is None:
+        page = 1
+    else:
+        score, row_id = start
+        query = query.where(Result.score <= score, or_(Result.score < score, Result.id <= row_id))
+        before = list(session.execute(
+            select(Result.score, Result.id).where(*flagged, Result.score >= score,
+                                                  or_(Result.score > score, Result.id > row_id))
+            .order_by(Result.score, Result.id).limit(per_page)).all())
+        page = max(page, 2) if before else 1
+        prev_extra = _cursor("from", *before[-1]) if len(before) == per_page and page > 2 else ""
+    rows = session.execute(query.order_by(Result.score.desc(), Result.id.desc()).limit(per_page + 1)).all()
+    shown = rows[:per_page]
+    verdicts = _latest_verdicts(session, [row.id for row in shown])
+    return Page(
+        [FlaggedRow(*row, *verdicts.get(row.id, (None, None))) for row in shown], total, page, per_page,
+        prev_extra=prev_extra, next_extra=_cursor("from", rows[-1].score, rows[-1].id) if len(rows) > per_page else "",
+        here_extra=_cursor("from", *start) if start is not None and page > 1 else "")
 
 
 def error_page(session: Session, job_id: int, page: int, per_page: int) -> Page:
-    """The job's result rows with an error, by path: list of (path, error)."""
-    errors = and_(Result.job_id == job_id, Result.error.is_not(None))
-    total = session.scalar(select(func.count()).select_from(Result).where(errors)) or 0
+    """The job's result rows with an error, by path: list of (path, error), read along
+    ix_results_errors (a night's errors, not its rows)."""
+    summary = _summary(session, job_id)
+    total = int(summary.n_errors) if summary else 0
     page = _clamp(page, total, per_page)
-    rows = session.execute(select(Result.path, Result.error).where(errors).order_by(Result.path)
-                           .offset((page - 1) * per_page).limit(per_page)).all()
-    return Page([tuple(row) for row in rows], int(total), page, per_page)
+    rows = session.execute(select(Result.path, Result.error).where(Result.job_id == job_id, Result.error.is_not(None))
+                           .order_by(Result.path).offset((page - 1) * per_page).limit(per_page)).all()
+    return Page([tuple(row) for row in rows], total, page, per_page)
 
 
 def _clamp(page: int, total: int, per_page: int) -> int:
@@ -229,14 +277,9 @@ def _clamp(page: int, total: int, per_page: int) -> int:
 
 def folder_rates(session: Session, job_id: int, limit: int = 500) -> list[FolderRate]:
     """Counts per directory of the job's result paths (text forms, so "/" separates as on the OS)."""
-    # rtrim(path, <every character of path but "/">) strips the file name: the directory, with its "/".
-    # Grouped through a subquery, like score_histogram's bins (PostgreSQL and bound parameters).
-    paths = select(func.rtrim(Result.path, func.replace(Result.path, "/", "")).label("folder"), Result.score,
-                   Result.is_anomaly, Result.error).where(Result.job_id == job_id).subquery()
     rows = session.execute(
-        select(paths.c.folder, func.count(), func.count(paths.c.score), count_if(paths.c.is_anomaly.is_(True)),
-               count_if(paths.c.error.is_not(None)))
-        .group_by(paths.c.folder).order_by(paths.c.folder).limit(limit)
+        select(JobFolder.folder, JobFolder.n_rows, JobFolder.n_scored, JobFolder.n_flagged, JobFolder.n_errors)
+        .where(JobFolder.job_id == job_id).order_by(JobFolder.folder).limit(limit)
     ).all()
     return [FolderRate(str(name or ""), int(n), int(scored), int(flagged), int(errors))
             for name, n, scored, flagged, errors in rows]
@@ -268,9 +311,41 @@ def evaluations(session: Session, model_ids: Sequence[int]) -> list[Evaluation]:
     return list(grouped.values())
 
 
+class _ShapeCache:
+    """Quantiles and normal sample per (job, summary version): a night that ended is read once."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.items: OrderedDict[Any, tuple[dict[int, float], list[float]]] = OrderedDict()
+        self.lock = Lock()
+
+    def get(self, key: Any) -> tuple[dict[int, float], list[float]] | None:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+            return self.items.get(key)
+
+    def put(self, key: Any, value: tuple[dict[int, float], list[float]]) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_shape_cache = _ShapeCache()
+
+
+def _shape(stored: dict[str, Any] | None, n_normal: int) -> tuple[dict[int, float], list[float]]:
+    ranked = summaries.Ranked(summaries.histogram_of(stored))
+    quantiles = {percent: value for percent in QUANTILES if (value := ranked.quantile(percent / 100)) is not None}
+    # Not flagged means at or below the threshold: the lowest n_normal scores are the normal part.
+    return quantiles, ranked.evenly_spaced(n_normal, TREND_SAMPLE)
+
+
 def trend(session: Session, model_name: str, source: str, limit: int = 90) -> list[TrendPoint]:
     """The latest `limit` score jobs of any version of `model_name` on `source`, oldest first, with
-    anomaly rate, score quantiles and a sample of the normal scores (at or below the threshold)."""
+    anomaly rate, score quantiles and a sample of the normal scores (not flagged), all from their
+    summaries."""
     jobs = session.execute(
         select(Job.id, Job.model_id, Model.version, Job.status, Job.created_at, Model.threshold)
         .join(Model, Model.id == Job.model_id)
@@ -280,38 +355,19 @@ def trend(session: Session, model_name: str, source: str, limit: int = 90) -> li
     points = {row[0]: TrendPoint(*row) for row in reversed(jobs)}
     if not points:
         return []
-    ids = list(points)
-    scored = and_(Result.job_id.in_(ids), Result.score.is_not(None))
-    for job_id, n_scored, n_flagged, n_normal in session.execute(
-        select(Result.job_id, func.count(), count_if(Result.is_anomaly.is_(True)),
-               count_if(Result.score <= Model.threshold))
-        .join(Model, Model.id == Result.model_id, isouter=True).where(scored).group_by(Result.job_id)
-    ):
+    found = session.execute(
+        select(JobSummary.job_id, JobSummary.n_scored, JobSummary.n_flagged, JobSummary.n_normal,
+               JobSummary.updated_at).where(JobSummary.job_id.in_(list(points)))).all()
+    keys = {job_id: (job_id, str(updated_at), int(n_normal), TREND_SAMPLE) for job_id, _, _, n_normal, updated_at in found}
+    missing = [job_id for job_id, key in keys.items() if _shape_cache.get(key) is None]
+    histograms: dict[int, Any] = dict(session.execute(select(JobSummary.job_id, JobSummary.histogram)
+                                      .where(JobSummary.job_id.in_(missing))).all()) if missing else {}
+    for job_id, n_scored, n_flagged, n_normal, _ in found:
         point = points[job_id]
         point.n_scored, point.n_flagged, point.n_normal = int(n_scored), int(n_flagged), int(n_normal)
-    for job_id, rank, n, score in _ranked_sample(session, scored):
-        point = points[job_id]
-        for percent in QUANTILES:
-            if rank == (percent * n + 99) // 100:  # nearest rank: the smallest with rank/n >= percent/100
-                point.quantiles[percent] = float(score)
-        if rank <= point.n_normal:  # sorted by score, so the first n_normal ranks are the normal part
-            point.normal_sample.append(float(score))
+        shape = _shape_cache.get(keys[job_id])
+        if shape is None:
+            shape = _shape(histograms.get(job_id), point.n_normal)
+            _shape_cache.put(keys[job_id], shape)
+        point.quantiles, point.normal_sample = dict(shape[0]), list(shape[1])
     return list(points.values())
-
-
-def _ranked_sample(session: Session, scored: Any) -> list[tuple[int, int, int, float]]:
-    """(job_id, rank, n, score) of each job's quantile ranks and of about TREND_SAMPLE evenly spaced
-    ranks, in rank order: the database sorts, only those rows travel."""
-    ranked = select(
-        Result.job_id, Result.score,
-        func.row_number().over(partition_by=Result.job_id, order_by=(Result.score, Result.id)).label("rank"),
-        func.count().over(partition_by=Result.job_id).label("n"),
-    ).where(scored).subquery()
-    rank, n = ranked.c.rank, ranked.c.n
-    at_quantile = [and_(rank * 100 >= p * n, (rank - 1) * 100 < p * n) for p in QUANTILES]
-    every_kth = (rank * TREND_SAMPLE) // n > ((rank - 1) * TREND_SAMPLE) // n  # all ranks when n <= TREND_SAMPLE
-    rows = session.execute(
-        select(ranked.c.job_id, rank, n, ranked.c.score).where(or_(*at_quantile, every_kth))
-        .order_by(ranked.c.job_id, rank)
-    ).all()
-    return [(int(j), int(r), int(c), float(s)) for j, r, c, s in rows]

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from adqueue.core.config import Settings
 from adqueue.jobs.context import Context
+from adqueue.store import summaries
 from adqueue.store.models import Job, JobStatus, Result, Run, RunKind, RunOutcome, Shard, ShardStatus
 
 from .cli import FAST_MVG, cli_env, run_cli
@@ -50,6 +51,7 @@ class Outcome:
     note: str = ""
     started: bool = True  # jobs.started_at is set
     heatmap_faults: int = 0  # rows whose heat map is missing or another run's file
+    summary_matches: bool = True  # the job's summary equals a rebuild from its rows
 
     @property
     def in_time(self) -> bool:
@@ -58,7 +60,8 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return (self.status == JobStatus.DONE and self.rows == self.distinct_paths == self.files
-                and self.double_completions == 0 and self.in_time and self.started and self.heatmap_faults == 0)
+                and self.double_completions == 0 and self.in_time and self.started and self.heatmap_faults == 0
+                and self.summary_matches)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "ok": self.ok}
@@ -227,12 +230,18 @@ class ChaosDeployment:
                                      .where(Result.job_id == job_id, Result.run_id != Shard.run_id))
             return rows, distinct, twice + foreign
 
+        def summary_matches(session) -> bool:
+            kept = summaries.stored(session, job_id)
+            rebuilt = summaries.rebuild(session, job_id)
+            return kept is not None and kept.job == rebuilt.job and kept.shards == rebuilt.shards
+
         rows, distinct, doubles = self.query(count)
         start = max(fault_at, healer_from or fault_at)
         job = self.job(job_id)
         return Outcome(scenario, self.database, job.status, files, rows, distinct, doubles,
                        round(ended_at - fault_at, 1), round(BOUND_S + (start - fault_at) + work_s, 1), note,
-                       started=job.started_at is not None, heatmap_faults=self.heatmap_faults(job_id))
+                       started=job.started_at is not None, heatmap_faults=self.heatmap_faults(job_id),
+                       summary_matches=bool(self.query(summary_matches)))
 
     def heatmap_faults(self, job_id: int) -> int:
         """Rows whose heat map file is missing, or is not their own run's (a run that lost its

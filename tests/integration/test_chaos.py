@@ -1,7 +1,8 @@
 """Every fault scenario of benchmarks/chaos.py, on SQLite and on PostgreSQL: the job ends `done`
 with exactly one row per file, no shard's rows written by two runs, `started_at` set, every row's
-heat map there and its own run's, within two lease periods plus the reconciler interval of the
-fault (or of a worker being there to heal it). The scenarios of harness/chaos_faults.py check
+heat map there and its own run's, its summary equal to a rebuild from its rows (retries,
+takeovers, cancel and resume included), within two lease periods plus the reconciler interval of
+the fault (or of a worker being there to heal it). The scenarios of harness/chaos_faults.py check
 their own fault too (a full tmpfs, poison entries, PostgreSQL dead under `score --wait` for
 ADQUEUE_CHAOS_PG_OUTAGE seconds, default 60; Redis killed mid-submission; SIGQUIT)."""
 
@@ -64,3 +65,4 @@ def test_the_job_ends_done_with_one_row_per_file(request: pytest.FixtureRequest,
     assert outcome.started, outcome
     assert outcome.heatmap_faults == 0, outcome
     assert outcome.in_time, outcome
+    assert outcome.summary_matches, outcome  # the summary equals a rebuild from the rows
