@@ -33,8 +33,19 @@ class Loaded:
         return self.decoded is not None
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its affinity mask (a container's cpuset, `taskset`,
+    a worker pinned to some cores), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    return max(2, min(8, (os.cpu_count() or 2)))
+    """Decode threads: one per core the process has (at least 2, so a file read that waits on
+    the disk never leaves the pool idle), at most 16."""
+    return max(2, min(16, available_cores()))
 
 
 def load_one(item: Item, preprocess: Preprocess, max_bytes: int = DEFAULT_MAX_BYTES) -> Loaded:

@@ -24,7 +24,7 @@ from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_f
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Detector, Scores
-from adqueue.pipeline.heatmaps import render_overlay
+from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
 
 
@@ -151,7 +151,8 @@ def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
 
 def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> None:
     try:
-        original = read_image(to_os(path), channels=3, size=None).pixels
+        bound = (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE)  # a camera frame need not decode whole for a 1024 px overlay
+        original = read_image(to_os(path), channels=3, size=None, at_least=bound).pixels
     except ImageError:
         return  # the file changed under us; the score stands, the overlay is skipped
     atomic_write_bytes(target, render_overlay(original, amap, map_range))
