@@ -25,6 +25,11 @@ DEFAULT_RECONCILE_INTERVAL_S = 30
 DEFAULT_MAX_FILE_MB = 512
 DEFAULT_SQL_TIMEOUT_S = 60
 DEFAULT_SQL_MAX_ROWS = 10_000
+# Mixed precision for frozen backbones: auto = bfloat16 on CUDA where the GPU has it (else
+# float16), none on the CPU; or one of them everywhere (the CPU too: how the numerics are checked).
+AUTOCAST_CHOICES = ("auto", "bf16", "fp16", "off")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _env(name: str) -> str | None:
@@ -64,6 +69,17 @@ class Settings:
     # torch's intra-op threads in this process; None = torch's default (all cores). Set it where
     # several workers share a host, or on a busy machine where spinning threads only wait.
     torch_threads: int | None = None
+    # The GPU path (each ADQUEUE_* variable of the same name; see README "Performance"): mixed
+    # precision for frozen backbones (auto = bfloat16 on a CUDA device that has it, else float16;
+    # nothing on the CPU, where it is slower without AMX and changes the scores), channels-last
+    # tensors and pinned host batches with non-blocking copies (CUDA only), JPEG decoding on the
+    # GPU (off unless set: measure it with benchmarks/gpu.py first), and decode threads (None = one
+    # per core the process may use; 0 = decode in the scoring thread, overlapping nothing).
+    autocast: str = "auto"
+    channels_last: bool = True
+    pin_memory: bool = True
+    gpu_decode: bool = False
+    decode_threads: int | None = None
 
     @property
     def stall_after_s(self) -> float:
@@ -105,6 +121,7 @@ class Settings:
         roots = _env("ALLOWED_ROOTS")
         sql_timeout = _env("SQL_TIMEOUT")
         sql_rows = _env("SQL_MAX_ROWS")
+        decode_threads = _env("DECODE_THREADS")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -124,6 +141,11 @@ class Settings:
             sql_database_url=_env("SQL_DATABASE_URL"),
             sql_timeout_s=_positive("ADQUEUE_SQL_TIMEOUT", sql_timeout, DEFAULT_SQL_TIMEOUT_S, float),
             sql_max_rows=_positive("ADQUEUE_SQL_MAX_ROWS", sql_rows, DEFAULT_SQL_MAX_ROWS),
+            autocast=(_env("AUTOCAST") or "auto").lower(),
+            channels_last=_flag("ADQUEUE_CHANNELS_LAST", _env("CHANNELS_LAST"), True),
+            pin_memory=_flag("ADQUEUE_PIN_MEMORY", _env("PIN_MEMORY"), True),
+            gpu_decode=_flag("ADQUEUE_GPU_DECODE", _env("GPU_DECODE"), False),
+            decode_threads=None if decode_threads is None else _count("ADQUEUE_DECODE_THREADS", decode_threads),
         )
         settings.validate()
         return settings
@@ -138,6 +160,8 @@ class Settings:
             raise ConfigError(f"unsupported broker URL {self.broker_url!r}: use redis://HOST:PORT/DB")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ConfigError(f"ADQUEUE_AUTOCAST must be one of {', '.join(AUTOCAST_CHOICES)}, not {self.autocast!r}")
 
     def require_data_dir(self) -> None:
         """For verbs that read or steer what is there: a data dir that does not exist, holding the
@@ -175,6 +199,10 @@ class Settings:
             env["ADQUEUE_STALL_TIMEOUT"] = str(self.stall_timeout_s)
         if self.torch_threads is not None:
             env["ADQUEUE_TORCH_THREADS"] = str(self.torch_threads)
+        env.update(ADQUEUE_AUTOCAST=self.autocast, ADQUEUE_CHANNELS_LAST=str(int(self.channels_last)),
+                   ADQUEUE_PIN_MEMORY=str(int(self.pin_memory)), ADQUEUE_GPU_DECODE=str(int(self.gpu_decode)))
+        if self.decode_threads is not None:
+            env["ADQUEUE_DECODE_THREADS"] = str(self.decode_threads)
         return env
 
 
@@ -186,6 +214,26 @@ def sqlite_url(path: Path) -> str:
     from sqlalchemy.engine import URL
 
     return URL.create("sqlite", database="file:" + quote(str(path)), query={"uri": "true"}).render_as_string()
+
+
+def _flag(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ConfigError(f"{name} must be 1 or 0 (on/off, true/false), not {raw!r}")
+
+
+def _count(name: str, raw: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name} must be a whole number (0 or more), not {raw!r}")
+    return value
 
 
 def _positive(name: str, raw: str | None, default: float, cast: type = int) -> Any:

@@ -19,13 +19,24 @@ import torch
 from adqueue.core.clock import utcnow
 from adqueue.core.datadir import DataDir, atomic_write_bytes
 from adqueue.core.errors import ImageError
+from adqueue.data.gpu_decode import gpu_decode_available
 from adqueue.data.io import DEFAULT_MAX_BYTES, read_image
-from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_float
+from adqueue.data.loader import Loaded, batched, device_batch, load_stream
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Detector, Scores
 from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
+
+
+@dataclass(frozen=True)
+class ScoreIO:
+    """How images reach the model (the worker's settings, core/config.py): decode threads (None:
+    one per core; 0: inline), pinned host batches on CUDA, JPEG decoding on the GPU."""
+
+    decode_threads: int | None = None
+    pin_memory: bool = True
+    gpu_decode: bool = False
 
 
 @dataclass
@@ -46,21 +57,26 @@ def score_items(
     batch_size: int = 32,
     max_bytes: int = DEFAULT_MAX_BYTES,
     on_batch: Callable[[int], None] | None = None,
+    transfer: ScoreIO | None = None,
 ) -> ScoredItems:
     """Score `items` in batches of `batch_size`, decoding in background threads: one result row per
     item (a score, or the error that kept it from one), heat-map PNGs under `data_dir` for the
     images `heatmaps` asks for, and (`keep_maps`) every anomaly map for an evaluation."""
     detector = loaded.detector
+    transfer = transfer or ScoreIO()
+    device = detector.device
     want_maps = keep_maps or heatmaps != "none"
     output = ScoredItems(maps={} if keep_maps else None)
     writes: list[Future[None]] = []
+    on_gpu = transfer.gpu_decode and gpu_decode_available(device)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
-        stream = load_stream(items, detector.preprocess, max_bytes=max_bytes)
+        stream = load_stream(items, detector.preprocess, max_bytes=max_bytes, threads=transfer.decode_threads,
+                             jpeg_for_device=on_gpu)
         for batch in batched(stream, batch_size):
             decoded = [entry for entry in batch if entry.ok]
             scores = None
             if decoded:
-                pixels = to_float(stack_pixels(decoded)).to(detector.device)
+                pixels = device_batch(decoded, detector.preprocess, device, pin_memory=transfer.pin_memory)
                 if want_maps and detector.costly_maps and heatmaps == "flagged" and not keep_maps:
                     scores = _maps_for_flagged(detector, pixels, loaded.threshold)
                 else:
@@ -155,6 +171,7 @@ def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], 
         original = read_image(to_os(path), channels=3, size=None, at_least=bound).pixels
     except ImageError:
         return  # the file changed under us; the score stands, the overlay is skipped
+    assert original is not None, "read_image decodes"
     atomic_write_bytes(target, render_overlay(original, amap, map_range))
 
 

@@ -28,7 +28,7 @@ from adqueue.jobs.finishing import after_shard_closed
 from adqueue.jobs.leases import DB_RETRY_S, Lease, LeaseLost, lease_until
 from adqueue.jobs.ports import Dispatcher
 from adqueue.pipeline.model_files import LoadedModel
-from adqueue.pipeline.score import eval_maps_bytes, score_items
+from adqueue.pipeline.score import ScoreIO, eval_maps_bytes, score_items
 from adqueue.runners.lease import LeasedRun, Outcome
 from adqueue.store.models import JobKind, RunOutcome
 from adqueue.store.queries import shard_job_id
@@ -89,6 +89,8 @@ class ShardRun(LeasedRun[ClaimedShard]):
             loaded, [Item.from_row(row) for row in held.items], data_dir=ctx.data_dir, job_id=held.job_id,
             heatmaps=str(held.job_params.get("heatmaps", "flagged")), keep_maps=held.job_kind == JobKind.EVALUATE,
             batch_size=ctx.settings.batch_size, max_bytes=ctx.settings.max_file_bytes, on_batch=batch_done,
+            transfer=ScoreIO(decode_threads=ctx.settings.decode_threads, pin_memory=ctx.settings.pin_memory,
+                             gpu_decode=ctx.settings.gpu_decode),
         )
         if output.maps is not None:
             # Named by run: a copy that lost its lease cannot overwrite the maps of the run that closed it.
