@@ -39,7 +39,7 @@ from adqueue.data.loader import device_batch, load_stream
 from adqueue.data.sources import open_source
 from adqueue.detectors.base import Detector
 from adqueue.detectors.components.backbones import FeatureExtractor
-from adqueue.detectors.registry import detector_names
+from adqueue.detectors.registry import names as detector_names
 from adqueue.jobs.context import Context
 from adqueue.jobs.ports import NullScoreProgress
 from adqueue.jobs.submit import submit_score, submit_train
