@@ -6,9 +6,10 @@ a small thread pool keeps the model busy without a process pool.
 A JPEG far larger than the model's input (a line camera's 5-20 MP frame for a 260 px model) is
 decoded at a reduced scale: libjpeg scales the DCT by 1/2, 1/4 or 1/8 while decoding (Pillow's
 `draft`), to the smallest scale that is still no smaller than the input, and the usual resize
-takes it from there. One 12 MP JPEG to 260 px: 470 ms of CPU decoded whole, ~25 ms at 1/8
-(benchmarks/decode.py). An image under twice the input size decodes whole, as before, and so do
-every other format and the masks. The format, size and pixel-count checks come first either way.
+takes it from there. One 12 MP JPEG to 260 px: 142-186 ms of one core decoded whole, 19-45 ms
+reduced, by how noisy the frame is (benchmarks/decode.py). An image under twice the input size
+decodes whole, as before, and so do every other format and the masks. The format, size and
+pixel-count checks come first either way.
 """
 
 from __future__ import annotations
