@@ -130,3 +130,25 @@ def test_decode_threads_follow_the_cores_the_process_may_use(monkeypatch: pytest
     assert loader.available_cores() == 6 and loader.default_threads() == 6
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert loader.default_threads() == 2  # never fewer than two: one may wait on the disk
+
+
+def test_jpegs_left_for_the_device_decode_there_or_fall_back_in_order(tmp_path: Path) -> None:
+    import torch
+
+    from adqueue.data.loader import device_batch, load_stream, stack_pixels, to_float
+    from adqueue.data.preprocess import Preprocess
+    from adqueue.data.sources import Item
+
+    good = _camera_frame(tmp_path / "a.jpg", (400, 300))
+    png = _save(tmp_path / "b.png", np.full((50, 60, 3), 90, dtype=np.uint8), "PNG")
+    cut = tmp_path / "c.jpg"  # a valid header, then nothing: both decoders refuse it
+    cut.write_bytes(good.read_bytes()[:700])
+    prep = Preprocess(size=64, channels=3)
+    items = [Item(str(good)), Item(str(png)), Item(str(cut))]
+    entries = [entry for entry in load_stream(items, prep, threads=0, jpeg_for_device=True) if entry.ok]
+    assert [entry.decoded.pixels is None for entry in entries if entry.decoded] == [True, False, True]
+    # The device decoder run on the CPU: the same code a CUDA worker runs, with torchvision's CPU decoder.
+    batch = device_batch(entries, prep, torch.device("cpu"))
+    assert [Path(entry.item.path).name for entry in entries] == ["a.jpg", "b.png"] and batch.shape == (2, 3, 64, 64)
+    reference = to_float(stack_pixels(list(load_stream(items[:2], prep, threads=0))))
+    assert torch.allclose(batch[1], reference[1]) and (batch[0] - reference[0]).abs().mean() < 0.03
