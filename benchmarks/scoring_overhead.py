@@ -1,6 +1,12 @@
 """What the whole scoring pipeline costs next to the bare backbone forward, measured in one run.
 
     python benchmarks/scoring_overhead.py [--images 256] [--backbone efficientnet_lite2] [--size 260]
+        [--threads 2] [--random-weights] [--levels 1,2,3] [--heatmaps flagged] [--profile OUT.prof]
+
+The cheap-backbone figure of the README: `--backbone resnet18 --size 256 --levels 1,2,3
+--random-weights --threads 2` (random weights, saved under torchvision's file name in a
+temporary ADQUEUE_WEIGHTS_DIR: a cheap forward pass makes the work around it show, as on a GPU).
+The process re-runs itself once with the malloc tuning `adqueue` applies (core/malloc_tuning.py).
 
 1. bare: the backbone's forward pass alone (the levels mvg uses) on images decoded and resized
    beforehand, batches of ADQUEUE_BATCH_SIZE (32): the floor any detector on it pays.
@@ -10,6 +16,7 @@
 
 It prints images/s of each and their ratio (pipeline / bare; 1.0 would mean everything but the
 backbone is free). Each is the best of `--repeats` runs, alternated, on one machine in one run.
+`--profile OUT` writes a cProfile of one more pipeline run (pstats format; `python -m pstats OUT`).
 Run it from another checkout (a git worktree of an older commit) with the same virtualenv to
 compare commits: the script imports the adqueue beside it.
 """
@@ -17,6 +24,9 @@ compare commits: the script imports the adqueue beside it.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +35,7 @@ import torch
 
 from adqueue.cli.demo import build_dataset
 from adqueue.core.config import Settings
+from adqueue.core.malloc_tuning import _TUNING
 from adqueue.core.progress import NullProgress
 from adqueue.data.loader import load_stream, stack_pixels, to_float
 from adqueue.data.sources import open_source
@@ -38,19 +49,53 @@ from adqueue.store.queries import resolve_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tune_malloc() -> None:
+    """Re-run this script once with adqueue's malloc tuning, as `adqueue score` runs."""
+    if sys.platform.startswith("linux") and not all(key in os.environ for key in _TUNING):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_TUNING})
+
+
+def random_weights(backbone: str, folder: Path) -> None:
+    """Random-init torchvision weights under the file name the backbone registry looks for."""
+    import torchvision.models as tvm
+
+    builders = {"resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+                "wide_resnet50_2": (tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1)}
+    if backbone not in builders:
+        raise SystemExit(f"--random-weights takes {', '.join(builders)}, not {backbone}")
+    build, weights = builders[backbone]
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(build(weights=None).state_dict(), folder / weights.url.rsplit("/", 1)[-1])
+    os.environ["ADQUEUE_WEIGHTS_DIR"] = str(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--backbone", default="efficientnet_lite2")
     parser.add_argument("--size", type=int, default=260)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--levels", default="", help="mvg's levels and map levels (default: the backbone's)")
+    parser.add_argument("--random-weights", action="store_true", help="random-init torchvision weights")
+    parser.add_argument("--heatmaps", default="flagged", choices=["flagged", "all", "none"])
+    parser.add_argument("--profile", type=Path, default=None, help="cProfile one more pipeline run into this file")
     args = parser.parse_args()
+    tune_malloc()
+    if args.threads:
+        os.environ["ADQUEUE_TORCH_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="adqueue-overhead-") as tmp:
+        if args.random_weights:
+            random_weights(args.backbone, Path(tmp) / "weights")
+        settings = {"backbone": args.backbone, "image_size": str(args.size)}
+        if args.levels:
+            settings.update(levels=args.levels, map_levels=args.levels)
         root, dump = build_dataset(Path(tmp) / "data", n_normal=40, n_dump=args.images)
         ctx = Context(Settings.load(data_dir=Path(tmp) / "adq", broker_url=""))
         dispatcher = InlineDispatcher(ctx, train_progress=NullProgress, score_progress=NullScoreProgress)
-        submit_train(ctx, dispatcher, detector="mvg", data=str(root), name="bench",
-                     settings={"backbone": args.backbone, "image_size": str(args.size)})
+        submit_train(ctx, dispatcher, detector="mvg", data=str(root), name="bench", settings=settings)
         with ctx.store.session() as session:
             model_id = resolve_model(session, "bench").id
         detector = ModelCache(ctx, "cpu")(model_id).detector
@@ -68,7 +113,7 @@ def main() -> None:
 
         def pipeline() -> float:
             started = time.perf_counter()
-            submit_score(ctx, dispatcher, model="bench", data=str(dump), shard_size=256)
+            submit_score(ctx, dispatcher, model="bench", data=str(dump), shard_size=256, heatmaps=args.heatmaps)
             return len(images) / (time.perf_counter() - started)
 
         bare()  # warm-up: kernels, allocator
@@ -76,8 +121,12 @@ def main() -> None:
         for _ in range(args.repeats):
             best_bare = max(best_bare, bare())
             best_pipeline = max(best_pipeline, pipeline())
+        if args.profile is not None:
+            cProfile.runctx("pipeline()", globals(), {"pipeline": pipeline}, str(args.profile))
         ctx.close()
-    print(f"{args.backbone} @ {args.size} px, {len(images)} images, {torch.get_num_threads()} torch threads")
+    weights = "random" if args.random_weights else "ImageNet"
+    print(f"{args.backbone} ({weights} weights) @ {args.size} px, levels {levels}, {len(images)} images, "
+          f"{torch.get_num_threads()} torch threads, heat maps {args.heatmaps}")
     print(f"bare backbone forward : {best_bare:7.1f} images/s")
     print(f"mvg scoring pipeline  : {best_pipeline:7.1f} images/s")
     print(f"pipeline / bare       : {best_pipeline / best_bare:7.2f}x")

@@ -28,6 +28,11 @@ DEFAULT_SQL_MAX_ROWS = 10_000
 DEFAULT_NOTIFY_ATTEMPTS = 5
 DEFAULT_NOTIFY_RETRY_DELAY_S = 2.0
 DEFAULT_ALARM_ERROR_SHARE = 0.05
+# Mixed precision for frozen backbones: auto = bfloat16 on CUDA where the GPU has it (else
+# float16), none on the CPU; or one of them everywhere (the CPU too: how the numerics are checked).
+AUTOCAST_CHOICES = ("auto", "bf16", "fp16", "off")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _env(name: str) -> str | None:
@@ -76,6 +81,17 @@ class Settings:
     public_url: str | None = None
     # The `errors` alarm: more than this share of a job's files could not be scored.
     alarm_error_share: float = DEFAULT_ALARM_ERROR_SHARE
+    # The GPU path (each ADQUEUE_* variable of the same name; see README "Performance"): mixed
+    # precision for frozen backbones (auto = bfloat16 on a CUDA device that has it, else float16;
+    # nothing on the CPU, where it is slower without AMX and changes the scores), channels-last
+    # tensors and pinned host batches with non-blocking copies (CUDA only), JPEG decoding on the
+    # GPU (off unless set: measure it with benchmarks/gpu.py first), and decode threads (None = one
+    # per core the process may use; 0 = decode in the scoring thread, overlapping nothing).
+    autocast: str = "auto"
+    channels_last: bool = True
+    pin_memory: bool = True
+    gpu_decode: bool = False
+    decode_threads: int | None = None
 
     @property
     def stall_after_s(self) -> float:
@@ -120,6 +136,7 @@ class Settings:
         notify_attempts = _env("NOTIFY_ATTEMPTS")
         notify_delay = _env("NOTIFY_RETRY_DELAY")
         error_share = _env("ALARM_ERROR_SHARE")
+        decode_threads = _env("DECODE_THREADS")
         settings = cls(
             data_dir=root,
             database_url=db,
@@ -145,6 +162,11 @@ class Settings:
                                            float),
             public_url=(_env("PUBLIC_URL") or "").rstrip("/") or None,
             alarm_error_share=_positive("ADQUEUE_ALARM_ERROR_SHARE", error_share, DEFAULT_ALARM_ERROR_SHARE, float),
+            autocast=(_env("AUTOCAST") or "auto").lower(),
+            channels_last=_flag("ADQUEUE_CHANNELS_LAST", _env("CHANNELS_LAST"), True),
+            pin_memory=_flag("ADQUEUE_PIN_MEMORY", _env("PIN_MEMORY"), True),
+            gpu_decode=_flag("ADQUEUE_GPU_DECODE", _env("GPU_DECODE"), False),
+            decode_threads=None if decode_threads is None else _count("ADQUEUE_DECODE_THREADS", decode_threads),
         )
         settings.validate()
         return settings
@@ -164,6 +186,8 @@ class Settings:
                 raise ConfigError(f"ADQUEUE_NOTIFY_URL: {url!r} is not an http:// or https:// URL")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError(f"ADQUEUE_PUBLIC_URL: {self.public_url!r} is not an http:// or https:// URL")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ConfigError(f"ADQUEUE_AUTOCAST must be one of {', '.join(AUTOCAST_CHOICES)}, not {self.autocast!r}")
 
     def require_data_dir(self) -> None:
         """For verbs that read or steer what is there: a data dir that does not exist, holding the
@@ -208,6 +232,10 @@ class Settings:
             env["ADQUEUE_STALL_TIMEOUT"] = str(self.stall_timeout_s)
         if self.torch_threads is not None:
             env["ADQUEUE_TORCH_THREADS"] = str(self.torch_threads)
+        env.update(ADQUEUE_AUTOCAST=self.autocast, ADQUEUE_CHANNELS_LAST=str(int(self.channels_last)),
+                   ADQUEUE_PIN_MEMORY=str(int(self.pin_memory)), ADQUEUE_GPU_DECODE=str(int(self.gpu_decode)))
+        if self.decode_threads is not None:
+            env["ADQUEUE_DECODE_THREADS"] = str(self.decode_threads)
         return env
 
 
@@ -219,6 +247,26 @@ def sqlite_url(path: Path) -> str:
     from sqlalchemy.engine import URL
 
     return URL.create("sqlite", database="file:" + quote(str(path)), query={"uri": "true"}).render_as_string()
+
+
+def _flag(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ConfigError(f"{name} must be 1 or 0 (on/off, true/false), not {raw!r}")
+
+
+def _count(name: str, raw: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name} must be a whole number (0 or more), not {raw!r}")
+    return value
 
 
 def _positive(name: str, raw: str | None, default: float, cast: type = int) -> Any:

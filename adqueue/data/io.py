@@ -2,6 +2,14 @@
 
 Everything here runs in decode threads: Pillow releases the GIL while it decodes and resizes, so
 a small thread pool keeps the model busy without a process pool.
+
+A JPEG far larger than the model's input (a line camera's 5-20 MP frame for a 260 px model) is
+decoded at a reduced scale: libjpeg scales the DCT by 1/2, 1/4 or 1/8 while decoding (Pillow's
+`draft`), to the smallest scale that is still no smaller than the input, and the usual resize
+takes it from there. One 12 MP JPEG to 260 px: 142-186 ms of one core decoded whole, 19-45 ms
+reduced, by how noisy the frame is (benchmarks/decode.py). An image under twice the input size
+decodes whole, as before, and so do every other format and the masks. The format, size and
+pixel-count checks come first either way.
 """
 
 from __future__ import annotations
@@ -35,28 +43,72 @@ def _claimed_format(data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # uint8, [H, W, C] with C = 1 or 3, at the requested size
+    pixels: np.ndarray | None  # uint8, [H, W, C] with C = 1 or 3, at the requested size; None: see `encoded`
     width: int  # of the file, before resizing
     height: int
     sha256: str
     file_size: int = 0  # the file as read: with sha256, how `score --skip-scored` knows it again
     file_mtime_ns: int = 0
+    # A checked JPEG left for the GPU to decode (read_for_device): its bytes, and no pixels yet.
+    encoded: bytes | None = None
 
 
 def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
-    """Decode `path` (an OS path) to `channels` (1 or 3) and resize to `size` (width, height)."""
+               max_bytes: int = DEFAULT_MAX_BYTES, at_least: tuple[int, int] | None = None) -> DecodedImage:
+    """Decode `path` (an OS path) to `channels` (1 or 3) and resize to `size` (width, height).
+
+    A large JPEG is decoded at a reduced scale no smaller than `size`, or with no `size` than
+    `at_least` (an overlay's bound, say); `width` and `height` are the file's either way."""
     data, info = read_file(path, max_bytes=max_bytes)
+    return _decoded(data, info, channels=channels, size=size, at_least=at_least)
+
+
+def _decoded(data: bytes, info: os.stat_result, *, channels: int, size: tuple[int, int] | None,
+             at_least: tuple[int, int] | None = None) -> DecodedImage:
     digest = hashlib.sha256(data).hexdigest()
-    image = decode_bytes(data, channels=channels)
-    width, height = image.size
+    pixels, (width, height) = decode_pixels(data, channels=channels, size=size, at_least=at_least)
+    return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest, file_size=info.st_size,
+                        file_mtime_ns=info.st_mtime_ns)
+
+
+def decode_pixels(data: bytes, *, channels: int, size: tuple[int, int] | None,
+                  at_least: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 [H, W, C] at `size` (or the reduced scale `at_least` asks for, or whole), and the
+    file's (width, height)."""
+    image, full_size = decode_sized(data, channels=channels, at_least=size or at_least)
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest, file_size=info.st_size,
-                        file_mtime_ns=info.st_mtime_ns)
+    return (pixels[:, :, None] if pixels.ndim == 2 else pixels), full_size
+
+
+def read_for_device(path: str | Path, *, channels: int, size: tuple[int, int],
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
+    """As read_image, but a JPEG that a GPU decoder takes (8-bit grey or colour, within the pixel
+    limit: checked from its header, as before any decode) comes back undecoded, its bytes in
+    `encoded`; every other file is decoded here."""
+    data, info = read_file(path, max_bytes=max_bytes)
+    header = _jpeg_header(data)
+    if header is None:
+        return _decoded(data, info, channels=channels, size=size)
+    return DecodedImage(pixels=None, width=header[0], height=header[1], sha256=hashlib.sha256(data).hexdigest(),
+                        file_size=info.st_size, file_mtime_ns=info.st_mtime_ns, encoded=data)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG nvJPEG decodes, from its header alone; None for anything else."""
+    if _claimed_format(data) != "JPEG":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.mode not in ("L", "RGB") or image.width * image.height > MAX_PIXELS:
+                    return None  # CMYK, or too large: the CPU path says what is wrong with it
+                return image.size
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
+        return None
 
 
 def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, os.stat_result]:
@@ -88,14 +140,28 @@ def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
 
 
 def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
+    """The whole image in `channels` (1 or 3), or an ImageError why not."""
+    return decode_sized(data, channels=channels, at_least=None)[0]
+
+
+def decode_sized(data: bytes, *, channels: int,
+                 at_least: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image in `channels`, decoded at the smallest reduced scale (JPEG only) that is still at
+    least `at_least` (width, height) in both sides, and the file's own (width, height).
+
+    None decodes whole. Files that are not JPEGs, and JPEGs under twice `at_least`, decode whole."""
     if not data:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            full_size = image.size
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"image too large: {image.width}x{image.height}")
+            if at_least is not None:
+                # A no-op for other formats; keeps the mode, so only the scale changes.
+                image.draft(None, at_least)
             image.load()
     except UnidentifiedImageError:
         claimed = _claimed_format(data)
@@ -106,7 +172,7 @@ def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
         raise ImageError(f"image too large: refused as a possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt image: {exc}") from None
-    return _to_channels(image, channels)
+    return _to_channels(image, channels), full_size
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:

@@ -25,3 +25,32 @@ def apply_torch_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def autocast_dtype(setting: str, device: Any) -> Any:
+    """The torch dtype a backbone's forward pass runs in under the ADQUEUE_AUTOCAST `setting`, or
+    None for float32: `auto` is bfloat16 on a CUDA device that has it, float16 on an older one,
+    float32 on the CPU (without AMX it is slower there, and it changes the scores)."""
+    import torch
+
+    if setting == "off" or (setting == "auto" and torch.device(device).type != "cuda"):
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def accelerate(detector: Any, settings: Any, device: Any) -> None:
+    """Set up every frozen backbone of `detector` (on `device`) for the settings' GPU path:
+    mixed precision and, on CUDA, channels-last. A detector's own trained parts are left as they are."""
+    import torch
+
+    from adqueue.detectors.components.backbones import FeatureExtractor
+
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = autocast_dtype(settings.autocast, device)
+    for module in detector.modules():
+        if isinstance(module, FeatureExtractor):
+            module.configure(autocast_dtype=dtype, channels_last=on_cuda and settings.channels_last)

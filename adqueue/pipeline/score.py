@@ -19,13 +19,24 @@ import torch
 from adqueue.core.clock import utcnow
 from adqueue.core.datadir import DataDir, atomic_write_bytes
 from adqueue.core.errors import ImageError
+from adqueue.data.gpu_decode import gpu_decode_available
 from adqueue.data.io import DEFAULT_MAX_BYTES, read_image
-from adqueue.data.loader import Loaded, batched, load_stream, stack_pixels, to_float
+from adqueue.data.loader import Loaded, batched, device_batch, load_stream
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
 from adqueue.detectors.base import Detector, Scores
-from adqueue.pipeline.heatmaps import render_overlay
+from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
+
+
+@dataclass(frozen=True)
+class ScoreIO:
+    """How images reach the model (the worker's settings, core/config.py): decode threads (None:
+    one per core; 0: inline), pinned host batches on CUDA, JPEG decoding on the GPU."""
+
+    decode_threads: int | None = None
+    pin_memory: bool = True
+    gpu_decode: bool = False
 
 
 @dataclass
@@ -49,6 +60,7 @@ def score_items(
     batch_size: int = 32,
     max_bytes: int = DEFAULT_MAX_BYTES,
     on_batch: Callable[[int], None] | None = None,
+    transfer: ScoreIO | None = None,
 ) -> ScoredItems:
     """Score `items` in batches of `batch_size`, decoding in background threads: one result row per
     item (a score, or the error that kept it from one), heat-map PNGs under `data_dir` for the
@@ -61,7 +73,7 @@ def score_items(
     try:
         output = _score(loaded, items, data_dir=data_dir, job_id=job_id, run_id=run_id, heatmaps=heatmaps,
                         keep_maps=keep_maps, batch_size=batch_size, max_bytes=max_bytes, on_batch=on_batch,
-                        writes=writes)
+                        transfer=transfer, writes=writes)
     except BaseException:
         remove_heatmaps(data_dir, [row for row, _ in writes])
         raise
@@ -83,18 +95,22 @@ def remove_heatmaps(data_dir: DataDir, rows: list[dict[str, Any]]) -> None:
 def _score(
     loaded: LoadedModel, items: list[Item], *, data_dir: DataDir, job_id: int, run_id: int, heatmaps: str,
     keep_maps: bool, batch_size: int, max_bytes: int, on_batch: Callable[[int], None] | None,
-    writes: list[tuple[dict[str, Any], Future[str | None]]],
+    transfer: ScoreIO | None, writes: list[tuple[dict[str, Any], Future[str | None]]],
 ) -> ScoredItems:
     detector = loaded.detector
+    transfer = transfer or ScoreIO()
+    device = detector.device
     want_maps = keep_maps or heatmaps != "none"
     output = ScoredItems(maps={} if keep_maps else None)
+    on_gpu = transfer.gpu_decode and gpu_decode_available(device)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
-        stream = load_stream(items, detector.preprocess, max_bytes=max_bytes)
+        stream = load_stream(items, detector.preprocess, max_bytes=max_bytes, threads=transfer.decode_threads,
+                             jpeg_for_device=on_gpu)
         for batch in batched(stream, batch_size):
             decoded = [entry for entry in batch if entry.ok]
             scores = None
             if decoded:
-                pixels = to_float(stack_pixels(decoded)).to(detector.device)
+                pixels = device_batch(decoded, detector.preprocess, device, pin_memory=transfer.pin_memory)
                 if want_maps and detector.costly_maps and heatmaps == "flagged" and not keep_maps:
                     scores = _maps_for_flagged(detector, pixels, loaded.threshold)
                 else:
@@ -190,9 +206,11 @@ def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
 def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> str | None:
     """Paint and write one heat map; None if written, else why not (the score stands either way)."""
     try:
-        original = read_image(to_os(path), channels=3, size=None).pixels
+        bound = (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE)  # a camera frame need not decode whole for a 1024 px overlay
+        original = read_image(to_os(path), channels=3, size=None, at_least=bound).pixels
     except ImageError:
         return "the image changed while it was scored"
+    assert original is not None, "read_image decodes"
     try:
         atomic_write_bytes(target, render_overlay(original, amap, map_range))
     except OSError as exc:  # a full or read-only disk: atomic_write_bytes left nothing behind

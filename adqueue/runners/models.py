@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from adqueue.jobs.context import Context
+from adqueue.pipeline.device import accelerate
 from adqueue.pipeline.model_files import LoadedModel, RegisteredModel, load_detector
 from adqueue.store.models import Model
 
@@ -24,6 +25,7 @@ class ModelCache:
                 model = RegisteredModel(row.id, row.name, row.version, row.artifact_path, row.artifact_sha256,
                                         row.threshold)
             loaded = load_detector(self.ctx.data_dir, model, self.device)
+            accelerate(loaded.detector, self.ctx.settings, self.device)
             while len(self._models) >= self.capacity:
                 self._models.pop(next(iter(self._models)))
         self._models[model_id] = loaded  # re-inserted last: most recently used

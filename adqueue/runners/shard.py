@@ -32,7 +32,7 @@ from adqueue.jobs.finishing import after_shard_closed
 from adqueue.jobs.leases import DB_RETRY_S, Lease, LeaseLost, lease_until
 from adqueue.jobs.ports import Dispatcher
 from adqueue.pipeline.model_files import LoadedModel
-from adqueue.pipeline.score import eval_maps_bytes, heatmap_key, remove_heatmaps, score_items
+from adqueue.pipeline.score import ScoreIO, eval_maps_bytes, heatmap_key, remove_heatmaps, score_items
 from adqueue.runners.lease import LeasedRun, Outcome
 from adqueue.store.models import JobKind, RunOutcome
 from adqueue.store.queries import other_shard_runs, shard_closed_by, shard_job_id
@@ -96,6 +96,8 @@ class ShardRun(LeasedRun[ClaimedShard]):
             run_id=held.run_id, heatmaps=str(held.job_params.get("heatmaps", "flagged")),
             keep_maps=held.job_kind == JobKind.EVALUATE,
             batch_size=ctx.settings.batch_size, max_bytes=ctx.settings.max_file_bytes, on_batch=batch_done,
+            transfer=ScoreIO(decode_threads=ctx.settings.decode_threads, pin_memory=ctx.settings.pin_memory,
+                             gpu_decode=ctx.settings.gpu_decode),
         )
         unwritten = Unwritten(output.heatmaps_unwritten, 0, output.unwritten_reason)
         if output.maps is not None:

@@ -24,6 +24,7 @@ from adqueue.data.paths import to_os
 from adqueue.jobs.context import Context
 from adqueue.jobs.leases import DB_RETRY_S, JobProgress, LeaseLost, lease_until
 from adqueue.jobs.train_settings import split_train_settings
+from adqueue.pipeline.device import accelerate
 from adqueue.pipeline.model_files import save_detector
 from adqueue.pipeline.self_check import DATASET, METRIC
 from adqueue.pipeline.train import Trained, fit_and_calibrate, load_training_images, new_detector, training_items
@@ -55,6 +56,7 @@ class TrainRun(JobRun):
             params, source = dict(job.params), job.source
         train_settings, detector_settings = split_train_settings(params.get("settings", {}))
         detector = new_detector(params["detector"], detector_settings, train_settings["seed"], self.device)
+        accelerate(detector, ctx.settings, self.device)
         items = training_items(to_os(source), params.get("split"), train_settings["max_images"],
                                ctx.settings.allowed_roots)
         images = load_training_images(detector, items, train_settings, progress, max_bytes=ctx.settings.max_file_bytes)

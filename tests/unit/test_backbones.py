@@ -58,3 +58,22 @@ def test_missing_torchvision_weights_fail_fast_and_clearly(tmp_path, monkeypatch
         assert time.monotonic() - started < 60
     else:  # a machine with a reachable hub downloaded real weights: check they are not random
         assert backbone.weights.path.is_file()
+
+
+def test_bf16_backbone_returns_float32_levels_close_to_float32() -> None:
+    import torch
+
+    from adqueue.detectors.components.backbones import load_backbone
+
+    backbone = load_backbone("efficientnet_lite0")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = backbone(images, [2, 3])
+        backbone.configure(autocast_dtype=torch.bfloat16, channels_last=True)
+        mixed = backbone(images, [2, 3])
+    for a, b in zip(exact, mixed, strict=True):
+        assert b.dtype == torch.float32 and b.shape == a.shape
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+    # Gradients (DifferNet's maps) stay float32: exactly the unconfigured numbers.
+    grad_path = backbone(images.requires_grad_(), [3])[0]
+    assert torch.allclose(grad_path.detach(), exact[1], atol=1e-4)

@@ -24,3 +24,20 @@ def test_detection_benchmark_prints_a_table(textures, tmp_path: Path) -> None:
     assert row["dataset"] == "bricks" and row["detector"] == "mvg"
     assert row["n_test"] > 0 and row["train_s"] > 0 and row["score_ms_per_image"] > 0
     assert row["image_auroc"] > 0.8 and row["pixel_auroc"] is not None and row["pro"] is not None
+
+
+def test_gpu_benchmark_runs_every_detector_on_the_cpu() -> None:
+    tiny = ["mvg:backbone=efficientnet_lite0", "mvg:image_size=64", "patchcore:backbone=efficientnet_lite0",
+            "patchcore:image_size=64", "differnet:image_size=64", "differnet:n_scales=1", "differnet:epochs=1",
+            "ebm:iterations=2",
+            "ebm:sgld_steps=2", "encoder_flow:ae_epochs=1", "encoder_flow:flow_epochs=1"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--images", "8", "--train-images", "20",
+         "--repeats", "1", *[arg for pair in tiny for arg in ("--set", pair)]],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("mvg", "differnet", "ebm", "encoder_flow", "patchcore"):
+        row = next(line for line in done.stdout.splitlines() if line.startswith(f"| `{name}` |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1].split()[0]) > 0 and cells[3].endswith("x") and cells[5].endswith("x"), row

@@ -46,3 +46,36 @@ def test_bad_settings_are_clear(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError, match=message):
         Settings.load(data_dir=tmp_path)
+
+
+def test_gpu_path_settings_parse_export_and_refuse_nonsense(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in ("AUTOCAST", "CHANNELS_LAST", "PIN_MEMORY", "GPU_DECODE", "DECODE_THREADS"):
+        monkeypatch.delenv(f"ADQUEUE_{key}", raising=False)
+    default = Settings.load(data_dir=tmp_path)
+    assert (default.autocast, default.channels_last, default.pin_memory, default.gpu_decode,
+            default.decode_threads) == ("auto", True, True, False, None)
+    monkeypatch.setenv("ADQUEUE_AUTOCAST", "BF16")
+    monkeypatch.setenv("ADQUEUE_CHANNELS_LAST", "off")
+    monkeypatch.setenv("ADQUEUE_GPU_DECODE", "1")
+    monkeypatch.setenv("ADQUEUE_DECODE_THREADS", "0")
+    settings = Settings.load(data_dir=tmp_path)
+    assert (settings.autocast, settings.channels_last, settings.gpu_decode, settings.decode_threads) == ("bf16", False,
+                                                                                                        True, 0)
+    exported = settings.export_env()
+    assert exported["ADQUEUE_CHANNELS_LAST"] == "0" and exported["ADQUEUE_DECODE_THREADS"] == "0"
+    for env, value, message in (("ADQUEUE_AUTOCAST", "fp8", "ADQUEUE_AUTOCAST must be one of"),
+                                ("ADQUEUE_PIN_MEMORY", "maybe", "ADQUEUE_PIN_MEMORY must be 1 or 0"),
+                                ("ADQUEUE_DECODE_THREADS", "-1", "ADQUEUE_DECODE_THREADS must be a whole number")):
+        with monkeypatch.context() as scoped:
+            scoped.setenv(env, value)
+            with pytest.raises(ConfigError, match=message):
+                Settings.load(data_dir=tmp_path)
+
+
+def test_autocast_dtype_follows_the_setting_and_the_device() -> None:
+    import torch
+
+    from adqueue.pipeline.device import autocast_dtype
+
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("off", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16 and autocast_dtype("fp16", "cpu") == torch.float16

@@ -71,3 +71,84 @@ def test_mask_is_boolean_at_size(tmp_path: Path) -> None:
     path = _save(tmp_path / "m.png", mask, "PNG")
     out = read_mask(path, (20, 20))
     assert out.dtype == bool and out.shape == (20, 20) and out.sum() == 25
+
+
+def _camera_frame(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
+    """A smooth large JPEG (a gradient with a bright square), as a line camera writes at a larger scale."""
+    width, height = size
+    x = np.linspace(0, 200, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 55, height, dtype=np.float32)[:, None]
+    grey = (x + y).astype(np.uint8)
+    grey[height // 3:height // 2, width // 3:width // 2] = 250
+    array = grey if mode == "L" else np.stack([grey, grey[::-1], 255 - grey], axis=-1)
+    return _save(path, array, "JPEG", quality=95)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_large_jpeg_decodes_at_a_reduced_scale_like_the_whole_image(tmp_path: Path, channels: int) -> None:
+    from adqueue.data.io import decode_bytes, decode_sized
+
+    path = _camera_frame(tmp_path / "frame.jpg", (1600, 1200))
+    data = path.read_bytes()
+    reduced, full_size = decode_sized(data, channels=channels, at_least=(96, 96))
+    assert full_size == (1600, 1200)
+    assert reduced.size == (200, 150)  # 1/8: the smallest DCT scale still no smaller than 96 px
+    decoded = read_image(path, channels=channels, size=(96, 96))
+    assert (decoded.width, decoded.height) == (1600, 1200) and decoded.pixels.shape == (96, 96, channels)
+    whole = decode_bytes(data, channels=channels).resize((96, 96), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    difference = np.abs(decoded.pixels.astype(int) - np.asarray(whole).reshape(96, 96, channels).astype(int))
+    assert difference.mean() < 2.0 and np.percentile(difference, 99) < 12
+
+
+def test_reduced_scale_stops_at_the_input_size(tmp_path: Path) -> None:
+    from adqueue.data.io import decode_sized
+
+    data = _camera_frame(tmp_path / "frame.jpg", (1000, 700), mode="L").read_bytes()
+    # 700 // 300 = 2: half scale (500x350) is the smallest with both sides at least 300.
+    assert decode_sized(data, channels=1, at_least=(300, 300))[0].size == (500, 350)
+    # Under twice the input size: decoded whole, as every other format.
+    assert decode_sized(data, channels=1, at_least=(400, 400))[0].size == (1000, 700)
+    png = _save(tmp_path / "frame.png", np.zeros((700, 1000), dtype=np.uint8), "PNG").read_bytes()
+    assert decode_sized(png, channels=1, at_least=(64, 64))[0].size == (1000, 700)
+
+
+def test_pixel_limit_is_checked_before_a_reduced_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adqueue.data.io as io_module
+
+    path = _camera_frame(tmp_path / "frame.jpg", (1600, 1200))
+    monkeypatch.setattr(io_module, "MAX_PIXELS", 1600 * 1200 - 1)
+    with pytest.raises(ImageError, match="too large: 1600x1200"):
+        read_image(path, channels=3, size=(64, 64))
+
+
+def test_decode_threads_follow_the_cores_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from adqueue.data import loader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert loader.available_cores() == 6 and loader.default_threads() == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert loader.default_threads() == 2  # never fewer than two: one may wait on the disk
+
+
+def test_jpegs_left_for_the_device_decode_there_or_fall_back_in_order(tmp_path: Path) -> None:
+    import torch
+
+    from adqueue.data.loader import device_batch, load_stream, stack_pixels, to_float
+    from adqueue.data.preprocess import Preprocess
+    from adqueue.data.sources import Item
+
+    good = _camera_frame(tmp_path / "a.jpg", (400, 300))
+    png = _save(tmp_path / "b.png", np.full((50, 60, 3), 90, dtype=np.uint8), "PNG")
+    cut = tmp_path / "c.jpg"  # a valid header, then nothing: both decoders refuse it
+    cut.write_bytes(good.read_bytes()[:700])
+    prep = Preprocess(size=64, channels=3)
+    items = [Item(str(good)), Item(str(png)), Item(str(cut))]
+    entries = [entry for entry in load_stream(items, prep, threads=0, jpeg_for_device=True) if entry.ok]
+    assert [entry.decoded.pixels is None for entry in entries if entry.decoded] == [True, False, True]
+    # The device decoder run on the CPU: the same code a CUDA worker runs, with torchvision's CPU decoder.
+    batch = device_batch(entries, prep, torch.device("cpu"))
+    assert [Path(entry.item.path).name for entry in entries] == ["a.jpg", "b.png"] and batch.shape == (2, 3, 64, 64)
+    reference = to_float(stack_pixels(list(load_stream(items[:2], prep, threads=0))))
+    assert torch.allclose(batch[1], reference[1]) and (batch[0] - reference[0]).abs().mean() < 0.03

@@ -11,6 +11,7 @@ weights cannot be found raises BackboneUnavailable. There is no silent random in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -65,6 +66,18 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        # How the forward pass runs, not what it computes (configure): float32 and contiguous
+        # tensors unless a GPU worker's settings say otherwise.
+        self.autocast_dtype: torch.dtype | None = None
+        self.channels_last = False
+
+    def configure(self, *, autocast_dtype: torch.dtype | None, channels_last: bool) -> None:
+        """Mixed precision (`autocast_dtype`, or None for float32) for passes without gradients, and
+        channels-last weights and inputs. The levels come back as float32 either way: what detectors
+        compute from them (Gaussians in float64, nearest-neighbour distances, flows) stays exact."""
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     @property
     def n_levels(self) -> int:
@@ -79,16 +92,22 @@ class FeatureExtractor(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         x = (images - self.mean) / self.std
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         wanted = set(levels)
         deepest = max(levels)
         outputs: dict[int, Tensor] = {}
-        for index, stage in enumerate(self.stages):
-            x = stage(x)
-            if index in wanted:
-                outputs[index] = x
-            if index == deepest:
-                break
-        return [outputs[level] for level in levels]
+        # Not where gradients flow (DifferNet's maps differentiate through the backbone to the
+        # input): those stay float32, so the maps are as before.
+        precision = self.autocast_dtype if not torch.is_grad_enabled() else None
+        mixed = torch.autocast(x.device.type, dtype=precision) if precision is not None else contextlib.nullcontext()
+        with mixed:
+            for index, stage in enumerate(self.stages):
+                x = stage(x)
+                if index in wanted:
+                    outputs[index] = x
+                if index == deepest:
+                    break
+        return [outputs[level].float() for level in levels]
 
     def identity(self) -> dict[str, str]:
         """Name and weight hash: what a model file records and checks on load (Detector.backbone_identity)."""

@@ -12,6 +12,8 @@ bilinearly to the input size and averaged over levels.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -21,7 +23,7 @@ from adqueue.core.progress import Progress
 from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
-from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
+from adqueue.detectors.components.maps import smooth_maps
 from adqueue.detectors.mvg.config import MVGConfig
 
 
@@ -78,11 +80,10 @@ class MVGDetector(Detector):
         maps = None
         if with_maps:
             per_level = [
-                scorer(features[level].permute(0, 2, 3, 1))
+                cast(GaussianScorer, scorer).map_distances(features[level])
                 for scorer, level in zip(self.map_gaussians, cfg.map_levels, strict=True)
             ]
-            maps = upsample_maps(per_level, batch.shape[-2:]).mean(dim=0)
-            maps = gaussian_blur(maps, cfg.map_sigma)
+            maps = smooth_maps(per_level, batch.shape[-2:], cfg.map_sigma)
         return Scores(image=image.cpu(), maps=None if maps is None else maps.cpu())
 
 

@@ -39,7 +39,7 @@ from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.coreset import coreset_size, greedy_coreset
 from adqueue.detectors.components.gaussian import LevelGaussians, out_of_fold_distances
-from adqueue.detectors.components.maps import gaussian_blur, upsample_maps
+from adqueue.detectors.components.maps import gaussian_blur, smooth_maps
 from adqueue.detectors.components.nearest_neighbours import nearest_neighbours
 from adqueue.detectors.patchcore.config import PatchCoreConfig
 
@@ -196,8 +196,7 @@ class PatchCoreDetector(Detector):
                 image = image + self.config.global_weight * (whole - global_mean) / global_spread
         maps = None
         if with_maps:
-            maps = upsample_maps([grid], batch.shape[-2:])[0]
-            maps = gaussian_blur(maps, self.config.map_sigma)
+            maps = smooth_maps([grid], batch.shape[-2:], self.config.map_sigma)
         return Scores(image=image.cpu(), maps=None if maps is None else maps.cpu())
 
 
