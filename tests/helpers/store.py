@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from adqueue.core.clock import utcnow
-from adqueue.store.models import Job, JobStatus, Model, Shard
+from adqueue.store.models import Job, JobKind, JobStatus, JobSummary, Model, Shard
 from adqueue.store.session import Store
 from adqueue.store.transitions import ClaimedShard, claim_shard
 
@@ -22,6 +22,8 @@ def job_with_shards(store: Store, n_shards: int = 2, kind: str = "score") -> tup
                   queue="q", submitted_at=utcnow())
         session.add(job)
         session.flush()
+        if kind != JobKind.TRAIN:  # as create_job does: a sharded job's summary starts with it
+            session.add(JobSummary(job_id=job.id, histogram={}, updated_at=utcnow()))
         shards = [Shard(job_id=job.id, seq=i, n_items=2, items=[[f"/d/{i}a.png", None, None, None],
                                                                   [f"/d/{i}b.png", None, None, None]])
                   for i in range(n_shards)]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,19 @@ def _score(deployment: Deployment, model: str, dump: Path, *extra: str) -> dict:
 def test_a_poisoned_shard_stops_after_max_attempts(faulty: Deployment, textures) -> None:
     _, dump = textures
     _train(faulty, textures, "poisoned")
-    heatmaps = Path(faulty.env["ADQUEUE_DATA_DIR"]) / "heatmaps"
-    heatmaps.write_text("a file where the heat-map folder should be")  # every heat-map write now fails
+    # The database refuses every scored row (a heat-map write that fails no longer fails a shard:
+    # its row keeps the score), so each attempt fails at its write; the error rows written when
+    # the shard gives up still go in.
+    database = sqlite3.connect(faulty.env["ADQUEUE_DATABASE_URL"].removeprefix("sqlite:///"))
+    database.execute("CREATE TRIGGER poison BEFORE INSERT ON results WHEN NEW.error IS NULL "
+                     "BEGIN SELECT RAISE(ABORT, 'poisoned by the test'); END")
+    database.commit()
     try:
-        summary = _score(faulty, "poisoned", dump, "--heatmaps", "all")
+        summary = _score(faulty, "poisoned", dump)
     finally:
-        heatmaps.unlink()
+        database.execute("DROP TRIGGER poison")
+        database.commit()
+        database.close()
     files = sorted(p.name for p in dump.iterdir())
     assert summary["status"] == "failed" and summary["shards_failed"] == 1
     assert summary["n_failed"] == len(files) and "1 shard(s) failed after 2 attempt(s)" in summary["error"]
