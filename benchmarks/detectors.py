@@ -70,8 +70,10 @@ def adqueue(args: list[str], env: dict[str, str]) -> dict:
 
 
 def run_one(dataset: str, source: Path, detector: str, settings: list[str], data_dir: Path) -> Row:
-    # A clean slate but for the thread cap, so parallel runs can share a machine fairly.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_") or k == "ADQUEUE_TORCH_THREADS"}
+    # A clean slate but for the thread cap (parallel runs share a machine fairly) and the
+    # precision (ADQUEUE_AUTOCAST=bf16 measures what bfloat16 does to the numbers).
+    kept = ("ADQUEUE_TORCH_THREADS", "ADQUEUE_AUTOCAST")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_") or k in kept}
     env.update(ADQUEUE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     name = f"{detector}-{dataset}"
     pairs = [arg for setting in settings for arg in ("--set", setting)]
