@@ -62,6 +62,23 @@ def test_opca_distance_is_mahalanobis_in_the_kept_subspace() -> None:
     np.testing.assert_allclose(precision, lw.precision_)
 
 
+def test_map_distances_in_float32_match_scipy_at_every_location() -> None:
+    rng = np.random.default_rng(3)
+    # Features far from zero, as ReLU maps are: the float32 product must not lose the distance
+    # to the difference f @ W - mean @ W.
+    train, _ = _data(rng)
+    train = train + 40.0
+    scorer = GaussianScorer.fit(train, 0.6)
+    mean, basis, precision = fit_gaussian(train, 0.6)
+    maps = torch.from_numpy(rng.normal(size=(2, 5, 3, 4)) * 3 + 43.0).float()  # [B, D, h, w]
+    got = scorer.map_distances(maps)
+    assert got.shape == (2, 3, 4) and got.dtype == torch.float32
+    vectors = maps.double().permute(0, 2, 3, 1).numpy()
+    expected = [[[mahalanobis((vectors[b, y, x] - mean) @ basis, np.zeros(basis.shape[1]), precision)
+                  for x in range(4)] for y in range(3)] for b in range(2)]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
 def test_scorer_state_round_trip_restores_shapes() -> None:
     rng = np.random.default_rng(3)
     train, _ = _data(rng)

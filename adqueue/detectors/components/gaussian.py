@@ -117,13 +117,18 @@ class GaussianScorer(nn.Module):
     def map_distances(self, features: Tensor) -> Tensor:
         """Mahalanobis distance at every location of a feature map [B, D, h, w] -> [B, h, w]: the
         same as forward on the [B, h, w, D] view, without making every location's vector contiguous
-        first (a copy as large as the map, and most of the time this took)."""
+        first (a copy as large as the map, and most of the time this took).
+
+        In the features' own precision (float32), unlike the image distances: a map only ranks
+        locations within an image, and a float64 copy of every map plus a float64 product was a
+        third of the pipeline's work besides the backbone (and is slow on most GPUs). Whitened
+        coordinates are unit-scale, so f @ W - mean @ W loses about 1e-6 of a distance in float32."""
         batch, dim, height, width = features.shape
-        whiten, offset = self.whitening()
-        wide = features.to(torch.float64).reshape(batch, dim, height * width)
+        whiten, offset = (part.to(features.dtype) for part in self.whitening())
+        wide = features.reshape(batch, dim, height * width)
         z = torch.matmul(whiten.T, wide).sub_(offset[:, None])  # [B, K, h*w]
         squared = z.square_().sum(dim=1).reshape(batch, height, width)
-        return squared.clamp_min(0.0).sqrt().to(features.dtype)
+        return squared.clamp_min_(0.0).sqrt_()
 
 
 class LevelGaussians(nn.ModuleList):
