@@ -107,7 +107,7 @@ Examples:
 def sql(ctx: click.Context, statement: str, max_rows: int | None, timeout_s: float | None, fmt: str) -> None:
     """Run one read-only SQL statement (SELECT, WITH ... SELECT, EXPLAIN, VALUES, SHOW, TABLE) on the
     results database. Tables: models, jobs, shards, runs, results, metrics, reviews, job_summaries,
-    shard_summaries, job_folders (README, "The SQL schema", lists their columns).
+    job_score_bins, job_folders, shard_summaries (README, "The SQL schema", lists their columns).
 
     Writes are refused twice: the statement is checked with a SQL tokenizer (one statement; no
     INSERT/UPDATE/DELETE, also not inside WITH), and the connection is read-only (a read-only

@@ -298,8 +298,8 @@ class Review(Base):
 
 class JobSummary(Base):
     """A score or evaluate job's result rows summed up (store/summaries.py keeps it current as shards
-    close, in the same transaction): what the pages and verbs read instead of the rows.
-    `histogram`: score bin (summaries.score_bin) -> rows, as JSON."""
+    close, in the same transaction): what the pages and verbs read instead of the rows. Its score
+    histogram is job_score_bins."""
 
     __tablename__ = "job_summaries"
 
@@ -309,7 +309,6 @@ class JobSummary(Base):
     n_flagged: Mapped[int] = mapped_column(BigInteger, default=0)
     n_errors: Mapped[int] = mapped_column(BigInteger, default=0)
     n_normal: Mapped[int] = mapped_column(BigInteger, default=0)  # scored and not flagged
-    histogram: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -342,3 +341,14 @@ class JobFolder(Base):
     n_scored: Mapped[int] = mapped_column(BigInteger, default=0)
     n_flagged: Mapped[int] = mapped_column(BigInteger, default=0)
     n_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class JobScoreBin(Base):
+    """One bin of a job's score histogram (summaries.score_bin): how many of its rows scored in it.
+    A row per bin, so that a shard's close adds its own few hundred bins and rewrites nothing else."""
+
+    __tablename__ = "job_score_bins"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    bin: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(BigInteger)

@@ -1,13 +1,14 @@
 """Job summaries: a night's result rows summed up as its shards close, so no page reads the rows.
 
 A summary holds counts (rows, scored, flagged, errors, normal), a score histogram on fixed bins
-and counts per directory. It is kept in the same transaction as the shard's bulk upsert, under the
+(a row per bin: a close adds its few hundred bins instead of rewriting thousands) and counts per
+directory. It is kept in the same transaction as the shard's bulk upsert, under the
 job row's lock that transaction already holds (complete_shard and give_up_shard update the job's
 counts), so closers of one job apply their changes one after the other.
 
 Correct under retries, takeovers and resume: a shard's rows are exactly its items (paths are
 unique in a job), and every close rewrites all of them. Each close adds (new - previous) of that
-shard to the job's summary (job_summaries, job_folders), and keeps what it wrote (shard_summaries)
+shard to the job's summary (job_summaries, job_score_bins, job_folders), and keeps what it wrote (shard_summaries)
 while the shard may close again: a shard that failed and is resumed replaces its earlier part
 instead of adding to it. A done shard never runs again, so its part is not kept apart. `rebuild`
 recomputes everything from the rows; a summary equals it at all times (tests/unit/test_summaries.py,
@@ -26,7 +27,6 @@ instead: they show the job with its counts pending.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from bisect import bisect_left
@@ -43,7 +43,17 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from adqueue.core.clock import utcnow
-from adqueue.store.models import Job, JobFolder, JobKind, JobSummary, Result, Shard, ShardStatus, ShardSummary
+from adqueue.store.models import (
+    Job,
+    JobFolder,
+    JobKind,
+    JobScoreBin,
+    JobSummary,
+    Result,
+    Shard,
+    ShardStatus,
+    ShardSummary,
+)
 
 HIST_BITS = 10
 _SHIFT = 52 - HIST_BITS
@@ -234,32 +244,40 @@ def _store_shard(session: Session, job_id: int, shard_id: int, summary: Summary)
         "folders": summary.folders}], ("job_id", "shard_id"))
 
 
-# The histogram merged in the database, in the UPDATE that adds the counts: no read of the job's
-# histogram (thousands of bins) into Python and back on every close.
-_MERGE_PG = """COALESCE((SELECT json_object_agg(k, s) FROM (
-    SELECT k, SUM(v) AS s FROM (
-        SELECT key AS k, value::text::bigint AS v FROM json_each(job_summaries.histogram)
-        UNION ALL SELECT key, value::text::bigint FROM json_each(CAST(:delta AS json))) AS parts
-    GROUP BY k HAVING SUM(v) <> 0) AS merged), '{}'::json)"""
-_MERGE_SQLITE = """COALESCE((SELECT json_group_object(k, s) FROM (
-    SELECT k, SUM(v) AS s FROM (
-        SELECT key AS k, value AS v FROM json_each(job_summaries.histogram)
-        UNION ALL SELECT key, value FROM json_each(:delta))
-    GROUP BY k HAVING SUM(v) <> 0)), '{}')"""
+_BINS_PG = text(
+    "INSERT INTO job_score_bins (job_id, bin, n) SELECT :job_id, b, c "
+    "FROM unnest(CAST(:bins AS bigint[]), CAST(:counts AS bigint[])) AS t(b, c) "
+    "ON CONFLICT (job_id, bin) DO UPDATE SET n = job_score_bins.n + excluded.n")
+
+
+def _add_bins(session: Session, job_id: int, histogram: Mapping[int, int]) -> None:
+    """Add a histogram to the job's bins: one statement whatever the number of bins, in bin order
+    (one lock order for all writers); bins that reach zero are deleted."""
+    if not histogram:
+        return
+    keys = sorted(histogram)
+    if session.get_bind().dialect.name == "postgresql":
+        # Arrays keep the statement's text constant: no VALUES list of hundreds of rows compiled per close.
+        session.execute(_BINS_PG, {"job_id": job_id, "bins": keys, "counts": [histogram[key] for key in keys]})
+    else:
+        insert = sqlite.insert(JobScoreBin)
+        session.execute(insert.on_conflict_do_update(index_elements=["job_id", "bin"],
+                                                     set_={"n": JobScoreBin.n + insert.excluded.n}),
+                        [{"job_id": job_id, "bin": key, "n": histogram[key]} for key in keys])
+    if any(value < 0 for value in histogram.values()):
+        session.execute(delete(JobScoreBin).where(JobScoreBin.job_id == job_id, JobScoreBin.n <= 0))
 
 
 def _apply(session: Session, job_id: int, delta: Summary) -> bool:
-    """Add `delta` to a job's summary and its folders; False if the job has no summary."""
+    """Add `delta` to a job's summary, its bins and its folders; False if the job has no summary."""
     counts = delta.counts()
     values: dict[str, Any] = {name: getattr(JobSummary, name) + value for name, value in counts.items()}
     values["updated_at"] = utcnow()
-    if delta.histogram:
-        merge = _MERGE_PG if session.get_bind().dialect.name == "postgresql" else _MERGE_SQLITE
-        values["histogram"] = text(merge).bindparams(delta=json.dumps(_histogram_json(delta.histogram)))
     updated = cast(CursorResult[Any], session.execute(update(JobSummary).where(JobSummary.job_id == job_id)
                                                      .values(**values)))
     if not updated.rowcount:
         return False
+    _add_bins(session, job_id, delta.histogram)
     columns = ("n_rows", "n_scored", "n_flagged", "n_errors")
     rows = [{"job_id": job_id, "folder": name, **dict(zip(columns, counts, strict=True))}
             for name, counts in sorted(delta.folders.items())]  # sorted: one lock order for all writers
@@ -270,12 +288,12 @@ def _apply(session: Session, job_id: int, delta: Summary) -> bool:
     return True
 
 
-def record_shard(session: Session, job_id: int, shard_id: int, rows: Sequence[Mapping[str, Any]], *,
-                 final: bool) -> None:
-    """The rows a shard's close just wrote replace its earlier part of the job's summary. `final`:
-    the shard closed done, and a done shard never runs again, so its part need not be kept apart.
-    Call it after the job row's UPDATE in the same transaction: that lock orders the closers."""
-    new = summarize(rows)
+def record_shard(session: Session, job_id: int, shard_id: int, new: Summary, *, final: bool) -> None:
+    """What a shard's close just wrote (`summarize` of its rows, computed before the lock) replaces
+    its earlier part of the job's summary. `final`: the shard closed done, and a done shard never
+    runs again, so its part need not be kept apart. Call it after the job row's UPDATE in the same
+    transaction, as the transaction's last statements: that lock orders the closers, and every
+    statement after it lengthens the queue behind it."""
     previous = session.execute(
         delete(ShardSummary).where(ShardSummary.job_id == job_id, ShardSummary.shard_id == shard_id)
         .returning(*_SHARD_COLUMNS)).first()
@@ -290,7 +308,7 @@ def record_shard(session: Session, job_id: int, shard_id: int, rows: Sequence[Ma
     others = exists().where(Result.job_id == job_id, or_(Result.shard_id.is_(None), Result.shard_id != shard_id))
     if session.scalar(select(others)):
         return
-    session.add(JobSummary(job_id=job_id, histogram={}, updated_at=utcnow()))
+    session.add(JobSummary(job_id=job_id, updated_at=utcnow()))
     session.flush()
     _apply(session, job_id, delta)
 
@@ -323,6 +341,21 @@ def rebuild(session: Session, job_id: int) -> Rebuilt:
     return Rebuilt(total, {key: value for key, value in shards.items() if not value.empty})
 
 
+def histograms(session: Session, job_ids: Sequence[int]) -> dict[int, Counter[int]]:
+    """The score histograms (bin -> rows) of these jobs, from their bins; a job with none is left out."""
+    found: dict[int, Counter[int]] = {}
+    if job_ids:
+        for job_id, key, count in session.execute(select(JobScoreBin.job_id, JobScoreBin.bin, JobScoreBin.n)
+                                                  .where(JobScoreBin.job_id.in_(list(job_ids)))):
+            found.setdefault(job_id, Counter())[int(key)] = int(count)
+    return found
+
+
+def histogram(session: Session, job_id: int) -> Counter[int]:
+    """A job's score histogram (bin -> rows): a few thousand rows however many images it scored."""
+    return histograms(session, [job_id]).get(job_id, Counter())
+
+
 def stored(session: Session, job_id: int) -> Rebuilt | None:
     """The job's summary as stored, in the form `rebuild` returns; None if it has none."""
     job = session.get(JobSummary, job_id, populate_existing=True)
@@ -331,7 +364,7 @@ def stored(session: Session, job_id: int) -> Rebuilt | None:
     folders = {name: [int(a), int(b), int(c), int(d)] for name, a, b, c, d in session.execute(
         select(JobFolder.folder, JobFolder.n_rows, JobFolder.n_scored, JobFolder.n_flagged, JobFolder.n_errors)
         .where(JobFolder.job_id == job_id))}
-    total = Summary(job.n_rows, job.n_scored, job.n_flagged, job.n_errors, job.n_normal, histogram_of(job.histogram),
+    total = Summary(job.n_rows, job.n_scored, job.n_flagged, job.n_errors, job.n_normal, histogram(session, job_id),
                     folders)
     shards = {row.shard_id: _shard_summary(row) for row in session.scalars(
         select(ShardSummary).where(ShardSummary.job_id == job_id).execution_options(populate_existing=True))}
@@ -345,12 +378,13 @@ def build(session: Session, job_id: int) -> bool:
     if kind not in (JobKind.SCORE, JobKind.EVALUATE):
         return False
     rebuilt = rebuild(session, job_id)
-    for table in (ShardSummary, JobFolder, JobSummary):
+    for table in (ShardSummary, JobFolder, JobScoreBin, JobSummary):
         session.execute(delete(table).where(table.job_id == job_id))
     for shard_id, summary in sorted(rebuilt.shards.items()):
         _store_shard(session, job_id, shard_id, summary)
-    session.add(JobSummary(job_id=job_id, **rebuilt.job.counts(), histogram=_histogram_json(rebuilt.job.histogram),
-                           updated_at=utcnow()))
+    session.add(JobSummary(job_id=job_id, **rebuilt.job.counts(), updated_at=utcnow()))
+    session.flush()
+    _add_bins(session, job_id, rebuilt.job.histogram)
     session.add_all([JobFolder(job_id=job_id, folder=name, n_rows=c[0], n_scored=c[1], n_flagged=c[2], n_errors=c[3])
                      for name, c in sorted(rebuilt.job.folders.items())])
     session.flush()

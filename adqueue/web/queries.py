@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from threading import Lock
@@ -192,11 +192,10 @@ def score_histogram(session: Session, job_id: int, edges: Sequence[float]) -> li
     """How many of the job's scores fall in each bin [edges[i], edges[i+1]) (the last bin closed),
     from its summary's finer bins (each counted where its middle falls)."""
     n_bins = len(edges) - 1
-    summary = _summary(session, job_id)
-    if n_bins < 1 or summary is None:
+    if n_bins < 1:
         return [0] * max(n_bins, 0)
     counts = [0] * n_bins
-    for key, count in summaries.histogram_of(summary.histogram).items():
+    for key, count in summaries.histogram(session, job_id).items():
         index = bisect_right(edges, summaries.bin_value(key)) - 1
         counts[min(max(index, 0), n_bins - 1)] += count
     return counts
@@ -335,8 +334,8 @@ class _ShapeCache:
 _shape_cache = _ShapeCache()
 
 
-def _shape(stored: dict[str, Any] | None, n_normal: int) -> tuple[dict[int, float], list[float]]:
-    ranked = summaries.Ranked(summaries.histogram_of(stored))
+def _shape(histogram: Mapping[int, int], n_normal: int) -> tuple[dict[int, float], list[float]]:
+    ranked = summaries.Ranked(histogram)
     quantiles = {percent: value for percent in QUANTILES if (value := ranked.quantile(percent / 100)) is not None}
     # Not flagged means at or below the threshold: the lowest n_normal scores are the normal part.
     return quantiles, ranked.evenly_spaced(n_normal, TREND_SAMPLE)
@@ -360,14 +359,13 @@ def trend(session: Session, model_name: str, source: str, limit: int = 90) -> li
                JobSummary.updated_at).where(JobSummary.job_id.in_(list(points)))).all()
     keys = {job_id: (job_id, str(updated_at), int(n_normal), TREND_SAMPLE) for job_id, _, _, n_normal, updated_at in found}
     missing = [job_id for job_id, key in keys.items() if _shape_cache.get(key) is None]
-    histograms: dict[int, Any] = dict(session.execute(select(JobSummary.job_id, JobSummary.histogram)
-                                      .where(JobSummary.job_id.in_(missing))).all()) if missing else {}
+    histograms = summaries.histograms(session, missing)
     for job_id, n_scored, n_flagged, n_normal, _ in found:
         point = points[job_id]
         point.n_scored, point.n_flagged, point.n_normal = int(n_scored), int(n_flagged), int(n_normal)
         shape = _shape_cache.get(keys[job_id])
         if shape is None:
-            shape = _shape(histograms.get(job_id), point.n_normal)
+            shape = _shape(histograms.get(job_id, {}), point.n_normal)
             _shape_cache.put(keys[job_id], shape)
         point.quantiles, point.normal_sample = dict(shape[0]), list(shape[1])
     return list(points.values())

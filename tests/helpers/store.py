@@ -23,7 +23,7 @@ def job_with_shards(store: Store, n_shards: int = 2, kind: str = "score") -> tup
         session.add(job)
         session.flush()
         if kind != JobKind.TRAIN:  # as create_job does: a sharded job's summary starts with it
-            session.add(JobSummary(job_id=job.id, histogram={}, updated_at=utcnow()))
+            session.add(JobSummary(job_id=job.id, updated_at=utcnow()))
         shards = [Shard(job_id=job.id, seq=i, n_items=2, items=[[f"/d/{i}a.png", None, None, None],
                                                                   [f"/d/{i}b.png", None, None, None]])
                   for i in range(n_shards)]

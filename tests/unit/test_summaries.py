@@ -4,6 +4,7 @@ have none."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -16,7 +17,17 @@ from sqlalchemy import delete, insert
 
 from adqueue.store import summaries
 from adqueue.store.migrate import ensure_schema
-from adqueue.store.models import Job, JobFolder, JobSummary, Result, ShardSummary, utcnow
+from adqueue.store.models import (
+    Job,
+    JobFolder,
+    JobKind,
+    JobStatus,
+    JobSummary,
+    Model,
+    Result,
+    ShardSummary,
+    utcnow,
+)
 from adqueue.store.session import Store
 from adqueue.store.transitions import (
     cancel_job,
@@ -201,3 +212,46 @@ def test_concurrent_closers_of_one_job_add_up(store: Store) -> None:
     assert not failures, failures
     kept = assert_matches_rows(store, job_id)
     assert kept.job.n_rows == 24 * 64
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_revision_0009_moves_each_summary_histogram_into_bins(dialect: str, request: pytest.FixtureRequest,
+                                                             tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import select, text
+
+    from adqueue.store.migrate import alembic_config, upgrade
+    from adqueue.store.models import JobScoreBin
+
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+    else:
+        from benchmarks.harness.servers import create_database
+
+        url = create_database(request.getfixturevalue("postgres"), f"m_{uuid.uuid4().hex[:10]}")
+    store = Store(url)
+    config = alembic_config()
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0008")
+    histograms = [{"-7": 3, "0": 1, "1074": 12}, {"5000": 1}, {}]
+    with store.session() as session:
+        model = Model(name="m", version=1, detector="mvg", params={}, artifact_path="x", threshold=1.0)
+        session.add(model)
+        session.flush()
+        jobs = [Job(kind=JobKind.SCORE, status=JobStatus.DONE, model_id=model.id, source="/d", params={}, queue="q",
+                    submitted_at=utcnow()) for _ in histograms]
+        session.add_all(jobs)
+        session.flush()
+        ids = {job.id: histogram for job, histogram in zip(jobs, histograms, strict=True)}
+        for job_id, histogram in ids.items():  # as revision 0008 wrote them: one JSON value per summary
+            session.execute(text("INSERT INTO job_summaries (job_id, n_rows, n_scored, n_flagged, n_errors, n_normal, "
+                                 "histogram, updated_at) VALUES (:id, 0, 0, 0, 0, 0, :h, :now)"),
+                            {"id": job_id, "h": json.dumps(histogram), "now": utcnow()})
+    assert upgrade(store)
+    with store.session() as session:
+        moved = {job_id: {str(key): n for key, n in session.execute(
+            select(JobScoreBin.bin, JobScoreBin.n).where(JobScoreBin.job_id == job_id))} for job_id in ids}
+        assert moved == ids
+        assert summaries.histogram(session, min(ids)) == {-7: 3, 0: 1, 1074: 12}
+    store.engine.dispose()
