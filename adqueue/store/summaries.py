@@ -260,10 +260,8 @@ def _add_bins(session: Session, job_id: int, histogram: Mapping[int, int]) -> No
         # Arrays keep the statement's text constant: no VALUES list of hundreds of rows compiled per close.
         session.execute(_BINS_PG, {"job_id": job_id, "bins": keys, "counts": [histogram[key] for key in keys]})
     else:
-        insert = sqlite.insert(JobScoreBin)
-        session.execute(insert.on_conflict_do_update(index_elements=["job_id", "bin"],
-                                                     set_={"n": JobScoreBin.n + insert.excluded.n}),
-                        [{"job_id": job_id, "bin": key, "n": histogram[key]} for key in keys])
+        _upsert(session, JobScoreBin, [{"job_id": job_id, "bin": key, "n": histogram[key]} for key in keys],
+                ("job_id", "bin"), lambda excluded: {"n": JobScoreBin.n + excluded.n})
     if any(value < 0 for value in histogram.values()):
         session.execute(delete(JobScoreBin).where(JobScoreBin.job_id == job_id, JobScoreBin.n <= 0))
 
@@ -383,7 +381,6 @@ def build(session: Session, job_id: int) -> bool:
     for shard_id, summary in sorted(rebuilt.shards.items()):
         _store_shard(session, job_id, shard_id, summary)
     session.add(JobSummary(job_id=job_id, **rebuilt.job.counts(), updated_at=utcnow()))
-    session.flush()
     _add_bins(session, job_id, rebuilt.job.histogram)
     session.add_all([JobFolder(job_id=job_id, folder=name, n_rows=c[0], n_scored=c[1], n_flagged=c[2], n_errors=c[3])
                      for name, c in sorted(rebuilt.job.folders.items())])

@@ -164,15 +164,19 @@ def complete_shard(
                               "run_id": claimed.run_id} for row in rows])
     end_run(session, claimed.run_id, RunOutcome.DONE if status == ShardStatus.DONE else RunOutcome.FAILED,
             error, now)
-    summary = summarize(rows)
-    # The job row is every closer's: its lock is taken last, so the transaction holds it for the
-    # fewest statements (at 8 writers the wait for it was most of a close).
-    session.execute(
-        update(Job).where(Job.id == claimed.job_id)
-        .values(n_done=Job.n_done + n_ok, n_failed=Job.n_failed + n_failed, heartbeat_at=now)
-    )
-    record_shard(session, claimed.job_id, claimed.shard_id, summary, final=status == ShardStatus.DONE)
+    _add_to_job(session, claimed.job_id, claimed.shard_id, rows, final=status == ShardStatus.DONE, now=now,
+                n_done=Job.n_done + n_ok, n_failed=Job.n_failed + n_failed)
     return True
+
+
+def _add_to_job(session: Session, job_id: int, shard_id: int, rows: Sequence[dict[str, Any]], *, final: bool,
+                now: datetime, **counts: Any) -> None:
+    """A closing shard's counts and summary onto its job: a shard close's last statements. The job
+    row is every closer's: its lock is taken last, so the transaction holds it for the fewest
+    statements (at 8 writers the wait for it was most of a close); the rows are summed before it."""
+    summary = summarize(rows)
+    session.execute(update(Job).where(Job.id == job_id).values(**counts, heartbeat_at=now))
+    record_shard(session, job_id, shard_id, summary, final=final)
 
 
 @dataclass(frozen=True)
@@ -242,10 +246,8 @@ def give_up_shard(session: Session, shard_id: int, run_id: int, error: str, *, m
             for path, label, defect, *_ in items]
     upsert_results(session, rows)
     end_run(session, run_id, RunOutcome.EXPIRED if only_if_expired else RunOutcome.FAILED, error, now)
-    summary = summarize(rows)
-    session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + len(items), heartbeat_at=now))
     assert job_id is not None, "the shard was just updated"
-    record_shard(session, job_id, shard_id, summary, final=False)
+    _add_to_job(session, job_id, shard_id, rows, final=False, now=now, n_failed=Job.n_failed + len(items))
     return True
 
 
