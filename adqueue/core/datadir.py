@@ -34,7 +34,7 @@ class DataDir:
 
     def heatmap_file(self, job_id: int, key: str, run_id: int) -> Path:
         # Named by run: a run that lost its lease cannot replace the file another run's row points to.
-        return self.root / "heatmaps" / f"job{job_id}" / f"{key}-run{run_id}.png"
+        return self.root / "heatmaps" / f"job{job_id}" / f"{key}-run{run_id}.jpg"
 
     def eval_maps_file(self, job_id: int, shard_seq: int, run_id: int) -> Path:
         return self.root / "evaluations" / f"job{job_id}" / f"shard{shard_seq:06d}-run{run_id}.npz"

@@ -126,6 +126,25 @@ class Detector(nn.Module, ABC):
             raise RuntimeError(f"the {self.name} detector is not fitted: call fit() or load a trained state first")
         return self._score(batch, with_maps=with_maps)
 
+    def score_flagged(self, batch: Tensor, threshold: float | None) -> Scores:
+        """Scores for every image of a float [B, C, H, W] batch, maps only for the images scored
+        above `threshold` (the rest get zeros; None flags none): what a heat map for each flagged
+        image needs. A night flags a few images in a hundred, so their maps should cost little.
+
+        By default the maps come from the one scoring pass, unless they are costly (a second pass
+        over the flagged images only). A detector that can map a subset from the same pass (mvg)
+        overrides this."""
+        if not self.costly_maps:
+            return self.score(batch, with_maps=True)
+        scores = self.score(batch, with_maps=False)
+        maps = torch.zeros((len(batch), *batch.shape[-2:]))
+        picked = flagged_indices(scores.image, threshold)
+        if len(picked):
+            picked_maps = self.score(batch[picked.to(batch.device)], with_maps=True).maps
+            assert picked_maps is not None, "asked for with_maps=True"
+            maps[picked] = picked_maps
+        return Scores(image=scores.image, maps=maps, extra=scores.extra)
+
     @abstractmethod
     def _fit(self, images: Dataset[Tensor], progress: Progress) -> FitResult: ...
 
@@ -214,3 +233,10 @@ class Detector(nn.Module, ABC):
 def dataset_size(images: Dataset[Tensor]) -> int:
     """How many images a fit gets: every dataset adqueue builds has a length."""
     return len(images)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__
+
+
+def flagged_indices(image_scores: Tensor, threshold: float | None) -> Tensor:
+    """Indices (int64, on the scores' device) of the images scored above `threshold`; none for None."""
+    if threshold is None:
+        return torch.zeros(0, dtype=torch.long, device=image_scores.device)
+    return (image_scores > threshold).nonzero()[:, 0]

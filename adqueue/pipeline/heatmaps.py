@@ -1,7 +1,12 @@
-"""Anomaly map -> PNG overlay an engineer can open next to the image.
+"""Anomaly map -> JPEG overlay an engineer can open next to the image.
 
 Colors are fixed per model, not per image: the map is scaled by the model's `map_range` (from the
 calibration images), so a red spot means the same thing on every image of a night's dump.
+
+JPEG, not PNG: on camera images (noise in every pixel) PNG's per-row filter search and deflate cost
+4.4 ms for a 192 px overlay and 109 ms for a 1024 px one, against 0.26 and 2.9 ms for JPEG, and the
+files are 3-5x larger. On a 2-core worker that encoding took CPU from the forward pass. Heat maps are
+for eyes; the maps metrics rank are kept exactly (score.kept_map).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from PIL import Image
 
 MAX_OVERLAY_SIDE = 1024
 OVERLAY_ALPHA = 0.5
+JPEG_QUALITY = 90
 
 # A jet-like ramp: dark blue (normal) through cyan, yellow to dark red (most anomalous).
 _ANCHORS = np.array(
@@ -37,7 +43,7 @@ def normalize_map(amap: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, map_range: tuple[float, float]) -> bytes:
-    """PNG bytes: `image` (uint8 [H, W, C]) blended with the colored `amap` ([h, w] float)."""
+    """JPEG bytes: `image` (uint8 [H, W, C]) blended with the colored `amap` ([h, w] float)."""
     base = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).convert("RGB")
     scale = min(1.0, MAX_OVERLAY_SIDE / max(base.size))
     if scale < 1.0:
@@ -48,5 +54,6 @@ def render_overlay(image: np.ndarray, amap: np.ndarray, map_range: tuple[float, 
     colored = Image.fromarray(COLORMAP[indices], "RGB")
     blended = Image.blend(base, colored, OVERLAY_ALPHA)
     buffer = io.BytesIO()
-    blended.save(buffer, format="PNG", optimize=False, compress_level=3)
+    # subsampling=0 (4:4:4 chroma): a small red spot on blue keeps its edge (0.26 ms, 0.17 at 4:2:0).
+    blended.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return buffer.getvalue()

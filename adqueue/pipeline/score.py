@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from adqueue.core.clock import utcnow
 from adqueue.core.datadir import DataDir, atomic_write_bytes
 from adqueue.core.errors import ImageError
 from adqueue.data.gpu_decode import gpu_decode_available
-from adqueue.data.io import DEFAULT_MAX_BYTES, read_image
+from adqueue.data.io import DEFAULT_MAX_BYTES, decode_pixels, read_file
 from adqueue.data.loader import Loaded, batched, device_batch, load_stream
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
-from adqueue.detectors.base import Detector, Scores
 from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
 
@@ -63,7 +61,7 @@ def score_items(
     transfer: ScoreIO | None = None,
 ) -> ScoredItems:
     """Score `items` in batches of `batch_size`, decoding in background threads: one result row per
-    item (a score, or the error that kept it from one), heat-map PNGs under `data_dir` for the
+    item (a score, or the error that kept it from one), heat-map JPEGs under `data_dir` for the
     images `heatmaps` asks for, and (`keep_maps`) every anomaly map for an evaluation.
 
     A heat map that cannot be written (a full disk) costs only itself: its row keeps its score with
@@ -111,8 +109,8 @@ def _score(
             scores = None
             if decoded:
                 pixels = device_batch(decoded, detector.preprocess, device, pin_memory=transfer.pin_memory)
-                if want_maps and detector.costly_maps and heatmaps == "flagged" and not keep_maps:
-                    scores = _maps_for_flagged(detector, pixels, loaded.threshold)
+                if heatmaps == "flagged" and not keep_maps:
+                    scores = detector.score_flagged(pixels, loaded.threshold)
                 else:
                     scores = detector.score(pixels, with_maps=want_maps)
             position = {id(entry): index for index, entry in enumerate(decoded)}
@@ -139,23 +137,6 @@ def _score(
             output.heatmaps_unwritten += 1
             output.unwritten_reason = reason
     return output
-
-
-def _maps_for_flagged(detector: Detector, pixels: torch.Tensor, threshold: float | None) -> Scores:
-    """Score the batch, then compute maps only for the images above the threshold.
-
-    For detectors whose maps cost a backward pass, a nightly dump with few flagged images then
-    costs little more than its scores. Unflagged images get no map (and no heat map).
-    """
-    scores = detector.score(pixels, with_maps=False)
-    flagged = torch.zeros(len(pixels), dtype=torch.bool) if threshold is None else scores.image > threshold
-    maps = torch.zeros((len(pixels), *pixels.shape[-2:]))
-    if flagged.any():
-        picked = flagged.nonzero()[:, 0]
-        picked_maps = detector.score(pixels[picked.to(pixels.device)], with_maps=True).maps
-        assert picked_maps is not None, "asked for with_maps=True"
-        maps[picked] = picked_maps
-    return Scores(image=scores.image, maps=maps, extra=scores.extra)
 
 
 def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> dict[str, Any]:
@@ -207,10 +188,10 @@ def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], 
     """Paint and write one heat map; None if written, else why not (the score stands either way)."""
     try:
         bound = (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE)  # a camera frame need not decode whole for a 1024 px overlay
-        original = read_image(to_os(path), channels=3, size=None, at_least=bound).pixels
+        # Not read_image: the row has the file's hash already, and hashing it again costs the forward pass CPU.
+        original, _ = decode_pixels(read_file(to_os(path))[0], channels=3, size=None, at_least=bound)
     except ImageError:
         return "the image changed while it was scored"
-    assert original is not None, "read_image decodes"
     try:
         atomic_write_bytes(target, render_overlay(original, amap, map_range))
     except OSError as exc:  # a full or read-only disk: atomic_write_bytes left nothing behind

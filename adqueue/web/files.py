@@ -21,6 +21,7 @@ from adqueue.data.formats import image_format
 from adqueue.data.paths import to_os
 
 HEATMAP_FOLDER = "heatmaps"  # where DataDir.heatmap_file writes every heat map
+HEATMAP_TYPES = ("image/jpeg", "image/png")  # heat maps were PNG files until 2026-12
 
 class Refused(AdqueueError):
     """This file may not be served; the message says why (for the log, not the client)."""
@@ -66,7 +67,7 @@ def result_image(path_text: str, sha256: str | None, max_bytes: int) -> tuple[by
 
 
 def heatmap_image(data_dir: DataDir, relative: str, max_bytes: int) -> tuple[bytes, str]:
-    """(bytes, media type) of a heat map stored at `relative` (to the data dir), a PNG under heatmaps/."""
+    """(bytes, media type) of a heat map stored at `relative` (to the data dir), a JPEG (a PNG if older) under heatmaps/."""
     try:
         path = data_dir.resolve(relative)  # resolves symlinks; refuses anything outside the data dir
     except (AdqueueError, OSError, ValueError) as exc:
@@ -75,6 +76,7 @@ def heatmap_image(data_dir: DataDir, relative: str, max_bytes: int) -> tuple[byt
         raise Refused(f"{relative!r} is not under the data dir's {HEATMAP_FOLDER}/")
     # The resolved path has no link left in it; O_NOFOLLOW refuses one swapped in since.
     data = _read_regular(str(path), max_bytes, follow_links=False)
-    if media_type(data) != "image/png":
-        raise Refused(f"{relative!r} is not a PNG")
-    return data, "image/png"
+    kind = media_type(data)
+    if kind not in HEATMAP_TYPES:
+        raise Refused(f"{relative!r} is not a heat map (JPEG, or PNG before 2026-12)")
+    return data, kind

@@ -36,6 +36,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TOKEN = "browser-test-token"
 PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_a_reviewer_walks_through_the_job_page(served: dict, tmp_path: Path) -> 
             first = page.locator("article.flagged-image").first
             result_id = first.get_attribute("data-result-id")
             heatmap = page.request.get(f"{base}/files/heatmap/{result_id}")
-            assert heatmap.status == 200 and heatmap.body().startswith(PNG)
+            assert heatmap.status == 200 and heatmap.body().startswith(JPEG)
             assert heatmap.headers["x-content-type-options"] == "nosniff"
             first.locator("img.heatmap").scroll_into_view_if_needed()
             page.wait_for_function("img => img.complete && img.naturalWidth > 0",

@@ -209,7 +209,7 @@ def test_the_demo_says_what_training_concluded(tmp_path: Path) -> None:
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|WARNING", done.stderr, re.MULTILINE), done.stderr
     heatmaps = data / "heatmaps" / "job2"
     assert f"heat maps: {heatmaps} (heatmap_path above is relative to the data dir, {data})" in stderr
-    assert any(heatmaps.glob("*.png"))
+    assert any(heatmaps.glob("*.jpg"))
 
 
 MISSING = ("no adqueue data dir at {}: run from the folder that holds it, or pass --data-dir DIR (ADQUEUE_DATA_DIR) "

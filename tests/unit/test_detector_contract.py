@@ -81,6 +81,8 @@ def test_an_unfitted_detector_refuses_to_score(name: str) -> None:
     assert not detector.fitted
     with pytest.raises(RuntimeError, match=rf"^the {name} detector is not fitted: call fit\(\) or load a trained"):
         detector.score(_images(detector, 1, seed=1))
+    with pytest.raises(RuntimeError, match=rf"^the {name} detector is not fitted"):
+        detector.score_flagged(_images(detector, 1, seed=1), 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -129,6 +131,26 @@ def test_a_trained_state_loads_into_a_fresh_detector_and_scores_alike(name: str,
     assert fresh.load_fitted(state) == ([], [])
     assert fresh.fitted
     _same_scores(detector, fresh, _images(detector, 3, seed=2))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_maps_for_the_flagged_images_are_their_maps_and_the_rest_are_zero(name: str, fitted: _Fitted) -> None:
+    detector = fitted[name]
+    batch = _images(detector, 6, seed=3)
+    whole = detector.score(batch, with_maps=True)
+    assert whole.maps is not None
+    threshold = float(whole.image.median())
+    flagged = whole.image > threshold
+    assert 0 < int(flagged.sum()) < len(batch)
+    part = detector.score_flagged(batch, threshold)
+    assert part.maps is not None and part.maps.shape == whole.maps.shape
+    torch.testing.assert_close(part.image, whole.image, rtol=1e-5, atol=1e-6)
+    # The flagged images' maps may come from a smaller batch (a second pass): equal to rounding.
+    torch.testing.assert_close(part.maps[flagged], whole.maps[flagged], rtol=1e-4, atol=1e-5)
+    if detector.costly_maps or name == "mvg":  # maps computed for the flagged images only
+        assert not part.maps[~flagged].any()
+        nothing = detector.score_flagged(batch, None)  # a model without a threshold flags nothing
+        assert nothing.maps is not None and not nothing.maps.any()
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from PIL import Image
 from scipy.stats import ks_2samp
 from sqlalchemy import func, select, update
 
@@ -49,6 +50,7 @@ with warnings.catch_warnings():  # Starlette 1.x prefers the httpx2 fork for its
     from starlette.testclient import TestClient
 
 PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
 LOCAL = "http://127.0.0.1"
 
 
@@ -346,8 +348,17 @@ def test_images_are_served_only_for_their_own_result(deployment: dict, client: T
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.headers["x-content-type-options"] == "nosniff" and image.content == Path(path).read_bytes()
     overlay = client.get(f"/files/heatmap/{result_id}")
-    assert overlay.status_code == 200 and overlay.content.startswith(PNG)
-    assert overlay.content == (deployment["dir"] / heatmap).read_bytes()
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/jpeg"
+    assert overlay.content.startswith(JPEG) and overlay.content == (deployment["dir"] / heatmap).read_bytes()
+    older = deployment["dir"] / "heatmaps" / "older" / "written-before-2026-12.png"  # heat maps were PNGs
+    older.parent.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(older)
+    set_result(deployment, result_id, heatmap_path="heatmaps/older/written-before-2026-12.png")
+    try:
+        old = client.get(f"/files/heatmap/{result_id}")
+        assert old.status_code == 200 and old.headers["content-type"] == "image/png" and old.content.startswith(PNG)
+    finally:
+        set_result(deployment, result_id, heatmap_path=heatmap)
     fifo, swapped = tmp_path / "camera.png", tmp_path / "swapped.png"
     os.mkfifo(fifo)
     swapped.write_bytes(Path(other_path).read_bytes())

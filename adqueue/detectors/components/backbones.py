@@ -91,7 +91,7 @@ class FeatureExtractor(nn.Module):
         """`images`: float [B, 1 or 3, H, W] in [0, 1]. Returns one feature map per level."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        x = (images - self.mean) / self.std
+        x = (images - self.mean).div_(self.std)  # in place: one float copy of the batch, not two
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         wanted = set(levels)
         deepest = max(levels)
