@@ -250,7 +250,7 @@ class ChaosDeployment:
             Result.job_id == job_id, Result.heatmap_path.is_not(None))).all())
         data = Path(self.env["ADQUEUE_DATA_DIR"])
         return sum(1 for path, run_id in rows
-                   if not (data / path).is_file() or not str(path).endswith(f"-run{run_id}.png"))
+                   if not (data / path).is_file() or not Path(path).stem.endswith(f"-run{run_id}"))
 
 
 # --- the scenarios ---------------------------------------------------------------------------------

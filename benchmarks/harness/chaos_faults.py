@@ -25,7 +25,7 @@ from .chaos import NEEDS_TEXTURES_ROOT, POSTGRES_ONLY, SCENARIOS, ChaosDeploymen
 from .cli import run_cli
 from .servers import wait_until
 
-HEATMAP_DISK = "200k"
+HEATMAP_DISK = "40k"  # a few JPEG heat maps of 10-20 kB fit, then the disk is full
 # How long PostgreSQL stays dead under `score --wait` (the issue's night: 60 s; a test may shorten it).
 PG_OUTAGE_S = float(os.environ.get("ADQUEUE_CHAOS_PG_OUTAGE", "60"))
 
@@ -60,7 +60,7 @@ class Tmpfs:
 
 
 def heatmap_disk_full(d: ChaosDeployment, dump_source: Path) -> Outcome:
-    """`--heatmaps all` with the heat-map folder on a 200 kB tmpfs: the scores survive."""
+    """`--heatmaps all` with the heat-map folder on a 40 kB tmpfs: the scores survive."""
     d.keep_pool()
     dump, files = d.dump(dump_source, 200)
     heatmaps = Path(d.env["ADQUEUE_DATA_DIR"]) / "heatmaps"
@@ -68,7 +68,7 @@ def heatmap_disk_full(d: ChaosDeployment, dump_source: Path) -> Outcome:
         fault = time.monotonic()
         job = d.submit_score(dump, 20, heatmaps="all")
         ended = d.wait_end(job)
-        outcome = d.outcome("heat-map disk full (200 kB tmpfs), --heatmaps all", job, files, fault, ended)
+        outcome = d.outcome("heat-map disk full (40 kB tmpfs), --heatmaps all", job, files, fault, ended)
         pointed = set(d.query(lambda s: s.scalars(select(Result.heatmap_path).where(
             Result.job_id == job, Result.heatmap_path.is_not(None))).all()))
         on_disk = {str(p.relative_to(heatmaps.parent)) for p in (heatmaps / f"job{job}").rglob("*") if p.is_file()}

@@ -1,4 +1,4 @@
-"""A full disk under the data dir, for real: a tmpfs of 200 kB mounted on the folder adqueue writes
+"""A full disk under the data dir, for real: a tmpfs of 40 kB mounted on the folder adqueue writes
 to (we run as root; a test that cannot mount says so and skips). Model files fail with one line
 and leave nothing; evaluation maps cost the pixel metrics only the images they lost; heat maps
 cost only themselves (the queued and embedded job of benchmarks/chaos.py, here embedded)."""
