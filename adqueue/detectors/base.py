@@ -22,7 +22,7 @@ import importlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -122,9 +122,12 @@ class Detector(nn.Module, ABC):
 
     def score(self, batch: Tensor, *, with_maps: bool = True) -> Scores:
         """Score a float [B, C, H, W] batch in [0, 1]."""
+        self._require_fitted()
+        return self._score(batch, with_maps=with_maps)
+
+    def _require_fitted(self) -> None:
         if not self.fitted:
             raise RuntimeError(f"the {self.name} detector is not fitted: call fit() or load a trained state first")
-        return self._score(batch, with_maps=with_maps)
 
     def score_flagged(self, batch: Tensor, threshold: float | None) -> Scores:
         """Scores for every image of a float [B, C, H, W] batch, maps only for the images scored
@@ -137,12 +140,13 @@ class Detector(nn.Module, ABC):
         if not self.costly_maps:
             return self.score(batch, with_maps=True)
         scores = self.score(batch, with_maps=False)
-        maps = torch.zeros((len(batch), *batch.shape[-2:]))
-        picked = flagged_indices(scores.image, threshold)
-        if len(picked):
+
+        def second_pass(picked: Tensor) -> Tensor:
             picked_maps = self.score(batch[picked.to(batch.device)], with_maps=True).maps
             assert picked_maps is not None, "asked for with_maps=True"
-            maps[picked] = picked_maps
+            return picked_maps
+
+        maps = maps_where_flagged(batch, scores.image, threshold, second_pass)
         return Scores(image=scores.image, maps=maps, extra=scores.extra)
 
     @abstractmethod
@@ -233,6 +237,17 @@ class Detector(nn.Module, ABC):
 def dataset_size(images: Dataset[Tensor]) -> int:
     """How many images a fit gets: every dataset adqueue builds has a length."""
     return len(images)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__
+
+
+def maps_where_flagged(batch: Tensor, image_scores: Tensor, threshold: float | None,
+                       compute: Callable[[Tensor], Tensor]) -> Tensor:
+    """CPU maps [B, H, W] of a batch: `compute(picked)` for the images scored above `threshold`
+    (given their indices), zeros for the rest."""
+    maps = torch.zeros((len(batch), *batch.shape[-2:]))
+    picked = flagged_indices(image_scores, threshold)
+    if len(picked):
+        maps[picked.cpu()] = compute(picked).cpu()
+    return maps
 
 
 def flagged_indices(image_scores: Tensor, threshold: float | None) -> Tensor:

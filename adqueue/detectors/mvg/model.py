@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adqueue.core.progress import Progress
-from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size, flagged_indices
+from adqueue.detectors.base import Detector, FitResult, Scores, dataset_size, maps_where_flagged
 from adqueue.detectors.components.backbones import load_backbone
 from adqueue.detectors.components.gaussian import GaussianScorer, LevelGaussians
 from adqueue.detectors.components.maps import smooth_maps
@@ -83,15 +83,11 @@ class MVGDetector(Detector):
     @torch.no_grad()
     def score_flagged(self, batch: Tensor, threshold: float | None) -> Scores:
         # One backbone pass; the maps (a third of what mvg computes besides it) only where flagged.
-        if not self.fitted:
-            return self.score(batch)  # raises the base's "not fitted" error
+        self._require_fitted()
         features = self._features(batch)
         image = self._image_scores(features)
-        maps = torch.zeros((len(batch), *batch.shape[-2:]))
-        picked = flagged_indices(image, threshold)
-        if len(picked):
-            maps[picked.cpu()] = self._maps({level: f[picked] for level, f in features.items()},
-                                            batch.shape[-2:]).cpu()
+        maps = maps_where_flagged(batch, image, threshold, lambda picked: self._maps(
+            {level: f[picked] for level, f in features.items()}, batch.shape[-2:]))
         return Scores(image=image.cpu(), maps=maps)
 
     def _image_scores(self, features: dict[int, Tensor]) -> Tensor:
