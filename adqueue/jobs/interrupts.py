@@ -20,22 +20,34 @@ from adqueue.store.transitions import interrupt_job
 _SIGNALS: dict[int, str] = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 # The signal last received inside signals_interrupt(). Its exception can be lost: raised in the
-# middle of a database driver's call, it can be replaced by the driver's own error on the way out
-# (psycopg: "can't change 'autocommit' now") and then handled as a failed shard. The shard loop
-# checks this between shards, so the run still stops.
+# middle of a database driver's call, it can be replaced by the driver's own error on the way out.
+# SQLAlchemy's pre-ping of a pooled PostgreSQL connection turns autocommit on, runs SELECT 1 and
+# turns it off in a `finally`; interrupted there, psycopg refuses the last step ("can't change
+# 'autocommit' now: connection in transaction status ACTIVE") and that error is what comes out.
+# The shard loop checks this between shards, and interruptions_marked() takes any error raised
+# after a signal for the signal's doing.
 _received: int | None = None
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:
     global _received  # noqa: PLW0603 - a signal handler can only leave its note in module state
     _received = signum
-    raise Interrupted(signum, _SIGNALS.get(signum, str(signum)))
+    raise _interrupted(signum)
+
+
+def signalled() -> bool:
+    """Whether a signal arrived inside signals_interrupt() (a run's `stopping` check)."""
+    return _received is not None
 
 
 def raise_if_signalled() -> None:
     """Raise Interrupted if a signal arrived inside signals_interrupt() whose exception was lost."""
     if _received is not None:
-        raise Interrupted(_received, _SIGNALS.get(_received, str(_received)))
+        raise _interrupted(_received)
+
+
+def _interrupted(signum: int) -> Interrupted:
+    return Interrupted(signum, _SIGNALS.get(signum, str(signum)))
 
 
 @contextmanager
@@ -47,6 +59,10 @@ def signals_interrupt() -> Iterator[None]:
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
     try:
         yield
+    except Exception as exc:
+        if _received is None:
+            raise
+        raise _interrupted(_received) from exc  # the signal's, replaced on its way out
     finally:
         _received = None
         for signum, handler in previous.items():
@@ -55,13 +71,24 @@ def signals_interrupt() -> Iterator[None]:
 
 @contextmanager
 def interruptions_marked(ctx: Context, job_id: int) -> Iterator[None]:
-    """A signal (Interrupted) or Ctrl-C while this process works on the job marks it for `resume`."""
+    """A signal (Interrupted) or Ctrl-C while this process works on the job marks it for `resume`;
+    so does any error raised once a signal has arrived (its Interrupted was replaced on the way)."""
     try:
         yield
     except (KeyboardInterrupt, Interrupted) as exc:
-        mark_interrupted(ctx, job_id, exc.name if isinstance(exc, Interrupted) else "SIGINT (Ctrl-C)")
-        exc.job_id = job_id  # type: ignore[union-attr]  # read by the CLI for its last line
+        _mark(ctx, job_id, exc)
         raise
+    except Exception as exc:
+        if _received is None:
+            raise
+        stopped = _interrupted(_received)
+        _mark(ctx, job_id, stopped)
+        raise stopped from exc
+
+
+def _mark(ctx: Context, job_id: int, exc: KeyboardInterrupt | Interrupted) -> None:
+    mark_interrupted(ctx, job_id, exc.name if isinstance(exc, Interrupted) else "SIGINT (Ctrl-C)")
+    exc.job_id = job_id  # type: ignore[union-attr]  # read by the CLI for its last line
 
 
 def mark_interrupted(ctx: Context, job_id: int, signal_name: str) -> None:

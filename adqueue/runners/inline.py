@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from adqueue.core.progress import Progress
 from adqueue.jobs.context import Context
-from adqueue.jobs.interrupts import interruptions_marked, raise_if_signalled
+from adqueue.jobs.interrupts import interruptions_marked, raise_if_signalled, signalled
 from adqueue.jobs.ports import ScoreProgress
 from adqueue.pipeline.device import apply_torch_threads, resolve_device
 from adqueue.runners.finish import run_finish
@@ -103,13 +103,13 @@ class InlineDispatcher:
                 while outcome is Outcome.RETRY:
                     raise_if_signalled()
                     outcome = run_shard(self.ctx, shard_id, models=self.models, worker=self.worker, dispatcher=self,
-                                        on_batch=progress.advance)
+                                        on_batch=progress.advance, stopping=signalled)
                 if outcome in (Outcome.LOST, Outcome.JOB_FAILED):
                     break  # cancelled from elsewhere, or a permanent error failed the job
         finally:
             self._in_shard_loop = False
             progress.stop()
+        raise_if_signalled()  # the last shard's run may have taken the signal for a shutdown
         if job_id in self._finish_due:
-            raise_if_signalled()
             self._finish_due.discard(job_id)
             run_finish(self.ctx, job_id, worker=self.worker)
