@@ -84,9 +84,10 @@ class Settings:
     # The GPU path (each ADQUEUE_* variable of the same name; see README "Performance"): mixed
     # precision for frozen backbones (auto = bfloat16 on a CUDA device that has it, else float16;
     # nothing on the CPU, where it is slower without AMX and changes the scores), channels-last
-    # tensors and pinned host batches with non-blocking copies (CUDA only), JPEG decoding on the
-    # GPU (off unless set: measure it with benchmarks/gpu.py first), and decode threads (None = one
-    # per core the process may use; 0 = decode in the scoring thread, overlapping nothing).
+    # tensors (CPU and CUDA: faster on both), pinned host batches with non-blocking copies (CUDA
+    # only), JPEG decoding on the GPU (off unless set: measure it with benchmarks/gpu.py first),
+    # and decode threads (None = one per core the process may use; 0 = decode in the scoring
+    # thread, overlapping nothing).
     autocast: str = "auto"
     channels_last: bool = True
     pin_memory: bool = True

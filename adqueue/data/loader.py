@@ -104,10 +104,10 @@ def stack_pixels(entries: Iterable[Loaded], *, pin: bool = False) -> torch.Tenso
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, C, H, W] (any layout) to contiguous float32 in [0, 1], the input every detector
-    takes. The copy that converts also lays the channels-last view out as [B, C, H, W], so the
-    backbone need not make a contiguous copy of it (a pass over the batch's floats less)."""
-    return torch.empty(pixels.shape, device=pixels.device).copy_(pixels).div_(255.0)
+    """uint8 [B, C, H, W] to float32 in [0, 1], the input every detector takes, in the pixels'
+    own layout: decoded images arrive channels-last, which is what a channels-last backbone
+    reads fastest (a contiguous-format one normalises into its layout in the same pass)."""
+    return torch.empty_like(pixels, dtype=torch.float32).copy_(pixels).div_(255.0)
 
 
 def device_batch(entries: list[Loaded], preprocess: Preprocess, device: torch.device, *,

@@ -77,3 +77,34 @@ def test_bf16_backbone_returns_float32_levels_close_to_float32() -> None:
     # Gradients (DifferNet's maps) stay float32: exactly the unconfigured numbers.
     grad_path = backbone(images.requires_grad_(), [3])[0]
     assert torch.allclose(grad_path.detach(), exact[1], atol=1e-4)
+
+
+def test_channels_last_on_the_cpu_computes_the_same_levels_and_gradients(monkeypatch) -> None:
+    """The settings' channels-last reaches a CPU worker's backbones (it is faster there too) and
+    changes only the layout: levels and DifferNet's input gradients are the contiguous ones."""
+    from adqueue.core.config import Settings
+    from adqueue.pipeline.device import accelerate
+
+    monkeypatch.delenv("ADQUEUE_CHANNELS_LAST", raising=False)
+    monkeypatch.delenv("ADQUEUE_AUTOCAST", raising=False)
+    reference = load_backbone("efficientnet_lite0")
+    tuned = load_backbone("efficientnet_lite0")
+    accelerate(tuned, Settings.load(data_dir="/nonexistent", broker_url=""), torch.device("cpu"))
+    assert tuned.channels_last and tuned.autocast_dtype is None
+    images = torch.rand(3, 3, 96, 80)
+    with torch.no_grad():
+        exact = reference(images, [2, 4, 6])
+        fast = tuned(images, [2, 4, 6])
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(exact, fast, strict=True):  # float32 rounding apart (other kernels' order)
+        assert a.shape == b.shape
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+    def input_gradient(backbone: torch.nn.Module) -> torch.Tensor:
+        x = images.clone().requires_grad_()
+        backbone(x, [4])[0].square().sum().backward()
+        assert x.grad is not None
+        return x.grad
+
+    want, got = input_gradient(reference), input_gradient(tuned)
+    assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max())

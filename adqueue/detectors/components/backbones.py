@@ -67,7 +67,7 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         self.eval()
         # How the forward pass runs, not what it computes (configure): float32 and contiguous
-        # tensors unless a GPU worker's settings say otherwise.
+        # tensors unless the worker's settings say otherwise (pipeline.device.accelerate).
         self.autocast_dtype: torch.dtype | None = None
         self.channels_last = False
 
@@ -91,8 +91,13 @@ class FeatureExtractor(nn.Module):
         """`images`: float [B, 1 or 3, H, W] in [0, 1]. Returns one feature map per level."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        x = (images - self.mean).div_(self.std)  # in place: one float copy of the batch, not two
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if images.requires_grad:
+            x = ((images - self.mean) / self.std).contiguous(memory_format=layout)
+        else:
+            # Normalised straight into the layout the stages want: one float copy of the batch.
+            x = torch.empty(images.shape, dtype=images.dtype, device=images.device, memory_format=layout)
+            torch.sub(images, self.mean, out=x).div_(self.std)
         wanted = set(levels)
         deepest = max(levels)
         outputs: dict[int, Tensor] = {}
