@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from adqueue.core.errors import BackboneUnavailable
 from adqueue.core.hashing import file_sha256
+from adqueue.data.layout import normalise_into
 
 # The level tables are torch-free, for submit-time checks; check_levels is re-exported from here.
 from adqueue.detectors.components.backbone_specs import LEVEL_COUNTS, backbone_names, check_levels  # noqa: F401 - re-exported for the detectors
@@ -97,7 +98,7 @@ class FeatureExtractor(nn.Module):
         else:
             # Normalised straight into the layout the stages want: one float copy of the batch.
             x = torch.empty(images.shape, dtype=images.dtype, device=images.device, memory_format=layout)
-            torch.sub(images, self.mean, out=x).div_(self.std)
+            normalise_into(x, images, self.mean, self.std)
         wanted = set(levels)
         deepest = max(levels)
         outputs: dict[int, Tensor] = {}
