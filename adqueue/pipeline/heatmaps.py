@@ -35,11 +35,20 @@ _STEPS = np.linspace(0.0, 1.0, 256)
 COLORMAP = (
     np.stack([np.interp(_STEPS, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=1) * 255
 ).astype(np.uint8)
+_PALETTE = COLORMAP.tobytes()
 
 
 def normalize_map(amap: np.ndarray, low: float, high: float) -> np.ndarray:
     span = max(high - low, 1e-12)
     return np.clip((amap - low) / span, 0.0, 1.0)
+
+
+def colorize(indices: np.ndarray) -> Image.Image:
+    """RGB image of COLORMAP[`indices`] (uint8 [H, W]), through Pillow's palette lookup: 1 ms at
+    1024 px where indexing the colormap in numpy took 10."""
+    colored = Image.frombuffer("P", (indices.shape[1], indices.shape[0]), np.ascontiguousarray(indices), "raw", "P", 0, 1)
+    colored.putpalette(_PALETTE)
+    return colored.convert("RGB")
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, map_range: tuple[float, float]) -> bytes:
@@ -50,8 +59,7 @@ def render_overlay(image: np.ndarray, amap: np.ndarray, map_range: tuple[float, 
         base = base.resize((round(base.width * scale), round(base.height * scale)), Image.Resampling.BILINEAR)
     level = Image.fromarray(normalize_map(amap, *map_range).astype(np.float32), mode="F")
     level = level.resize(base.size, Image.Resampling.BILINEAR)
-    indices = np.clip(np.asarray(level) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    colored = Image.fromarray(COLORMAP[indices], "RGB")
+    colored = colorize(np.clip(np.asarray(level) * 255.0 + 0.5, 0, 255).astype(np.uint8))
     blended = Image.blend(base, colored, OVERLAY_ALPHA)
     buffer = io.BytesIO()
     # subsampling=0 (4:4:4 chroma): a small red spot on blue keeps its edge (0.26 ms, 0.17 at 4:2:0).

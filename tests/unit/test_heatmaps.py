@@ -1,0 +1,30 @@
+"""Heat-map colours: every map level gets its colormap entry, whatever the overlay's shape."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from adqueue.pipeline.heatmaps import COLORMAP, colorize, render_overlay
+
+
+def test_colorize_is_the_colormap_lookup_at_every_level_and_shape() -> None:
+    rng = np.random.default_rng(3)
+    every_level = np.arange(256, dtype=np.uint8)[None]
+    for indices in [every_level, *(rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(7, 13), (31, 1024)])]:
+        height, width = indices.shape
+        got = np.asarray(colorize(indices))
+        assert got.shape == (height, width, 3)
+        assert np.array_equal(got, COLORMAP[indices])
+    columns = np.arange(256, dtype=np.uint8)[None, ::2].repeat(3, axis=0)  # a strided view
+    assert np.array_equal(np.asarray(colorize(columns)), COLORMAP[columns])
+
+
+def test_overlay_is_red_where_the_map_is_high() -> None:
+    image = np.full((64, 96, 1), 128, dtype=np.uint8)  # grey frames are painted in colour
+    amap = np.zeros((16, 24), dtype=np.float32)
+    amap[4:8, 12:18] = 10.0
+    overlay = np.asarray(Image.open(io.BytesIO(render_overlay(image, amap, (0.0, 10.0)))))
+    assert overlay.shape == (64, 96, 3)
+    hot, cold = overlay[16:32, 48:72].reshape(-1, 3).mean(0), overlay[48:, :24].reshape(-1, 3).mean(0)
+    assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40
