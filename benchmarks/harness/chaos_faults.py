@@ -8,6 +8,7 @@ turns the status into a sentence when that does not hold, so the table and the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,6 +103,10 @@ def poison_messages(d: ChaosDeployment, dump_source: Path) -> Outcome:
     client.lpush(queue, "[1,2,3]")
     client.lpush(queue, "this is not json")
     ended = d.wait_end(job)
+    # Pushed behind the job's own messages, the poison is taken last: the job can end while the
+    # workers are still on their way to it (seen on a fast machine, 1.4 s from push to end).
+    with contextlib.suppress(TimeoutError):  # reported below, with whatever did arrive
+        wait_until(lambda: client.llen(f"{queue}.dead") >= 2, 30, "the poison in the dead-letter list", interval=0.05)
     dead = sorted(raw.decode() for raw in client.lrange(f"{queue}.dead", 0, -1))
     alive = len(d.live_workers())
     reconciled = run_cli(["reconcile", "--format", "json"], d.env, check=False)
