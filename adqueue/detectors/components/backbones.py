@@ -78,7 +78,12 @@ class FeatureExtractor(nn.Module):
         compute from them (Gaussians in float64, nearest-neighbour distances, flows) stays exact."""
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
-        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.to(memory_format=self.memory_format)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the weights and of every tensor the stages see."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     @property
     def n_levels(self) -> int:
@@ -92,7 +97,7 @@ class FeatureExtractor(nn.Module):
         """`images`: float [B, 1 or 3, H, W] in [0, 1]. Returns one feature map per level."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        layout = self.memory_format
         if images.requires_grad:
             x = ((images - self.mean) / self.std).contiguous(memory_format=layout)
         else:
