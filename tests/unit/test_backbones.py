@@ -100,8 +100,13 @@ def test_channels_last_on_the_cpu_computes_the_same_levels_and_gradients(monkeyp
         assert a.shape == b.shape
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
 
+    # Gradients in float64: in float32 one batch in ten puts an activation within rounding of a
+    # ReLU6 kink, where the two layouts' kernels may fall on either side (up to 2% apart there).
+    reference.double(), tuned.double()
+    assert next(tuned.parameters()).is_contiguous(memory_format=torch.channels_last)
+
     def input_gradient(backbone: torch.nn.Module) -> torch.Tensor:
-        x = images.clone().requires_grad_()
+        x = images.double().requires_grad_()
         backbone(x, [4])[0].square().sum().backward()
         assert x.grad is not None
         return x.grad
