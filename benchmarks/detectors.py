@@ -70,9 +70,9 @@ def adqueue(args: list[str], env: dict[str, str]) -> dict:
 
 
 def run_one(dataset: str, source: Path, detector: str, settings: list[str], data_dir: Path) -> Row:
-    # A clean slate but for the thread cap (parallel runs share a machine fairly) and the
-    # precision (ADQUEUE_AUTOCAST=bf16 measures what bfloat16 does to the numbers).
-    kept = ("ADQUEUE_TORCH_THREADS", "ADQUEUE_AUTOCAST")
+    # A clean slate but for the thread cap (parallel runs share a machine fairly), the precision
+    # and the layout (ADQUEUE_AUTOCAST=bf16, ADQUEUE_CHANNELS_LAST=0: what each does to the numbers).
+    kept = ("ADQUEUE_TORCH_THREADS", "ADQUEUE_AUTOCAST", "ADQUEUE_CHANNELS_LAST")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_") or k in kept}
     env.update(ADQUEUE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     name = f"{detector}-{dataset}"
