@@ -26,6 +26,10 @@ class DataDir:
         return path
 
     def relative(self, path: Path) -> str:
+        """The stored form of `path`, a file under the data dir. A path this class built (below
+        `root`, no "..") needs no resolving: that took five lstat calls a heat map."""
+        if path.is_relative_to(self.root) and ".." not in path.parts:
+            return str(path.relative_to(self.root))
         return str(path.resolve().relative_to(self.root))
 
     def model_file(self, name: str, version: int, job_id: int) -> Path:

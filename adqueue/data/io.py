@@ -51,35 +51,61 @@ class DecodedImage:
     file_mtime_ns: int = 0
     # A checked JPEG left for the GPU to decode (read_for_device): its bytes, and no pixels yet.
     encoded: bytes | None = None
+    # The whole file's pixels (uint8 [H, W, 1 or 3]) when asked for and small (keep_original): a
+    # heat map paints on them instead of reading and decoding the file a second time.
+    original: np.ndarray | None = None
 
 
 def read_image(path: str | Path, *, channels: int, size: tuple[int, int] | None,
-               max_bytes: int = DEFAULT_MAX_BYTES, at_least: tuple[int, int] | None = None) -> DecodedImage:
+               max_bytes: int = DEFAULT_MAX_BYTES, at_least: tuple[int, int] | None = None,
+               keep_original: int = 0) -> DecodedImage:
     """Decode `path` (an OS path) to `channels` (1 or 3) and resize to `size` (width, height).
 
     A large JPEG is decoded at a reduced scale no smaller than `size`, or with no `size` than
-    `at_least` (an overlay's bound, say); `width` and `height` are the file's either way."""
+    `at_least` (an overlay's bound, say); `width` and `height` are the file's either way. A file
+    of at most `keep_original` pixels, decoded whole, also keeps those pixels (`original`)."""
     data, info = read_file(path, max_bytes=max_bytes)
-    return _decoded(data, info, channels=channels, size=size, at_least=at_least)
+    return _decoded(data, info, channels=channels, size=size, at_least=at_least, keep_original=keep_original)
 
 
 def _decoded(data: bytes, info: os.stat_result, *, channels: int, size: tuple[int, int] | None,
-             at_least: tuple[int, int] | None = None) -> DecodedImage:
+             at_least: tuple[int, int] | None = None, keep_original: int = 0) -> DecodedImage:
     digest = hashlib.sha256(data).hexdigest()
-    pixels, (width, height) = decode_pixels(data, channels=channels, size=size, at_least=at_least)
+    pixels, (width, height), original = _decode(data, channels=channels, size=size, at_least=at_least,
+                                                keep_original=keep_original)
     return DecodedImage(pixels=pixels, width=width, height=height, sha256=digest, file_size=info.st_size,
-                        file_mtime_ns=info.st_mtime_ns)
+                        file_mtime_ns=info.st_mtime_ns, original=original)
 
 
 def decode_pixels(data: bytes, *, channels: int, size: tuple[int, int] | None,
                   at_least: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 [H, W, C] at `size` (or the reduced scale `at_least` asks for, or whole), and the
     file's (width, height)."""
-    image, full_size = decode_sized(data, channels=channels, at_least=size or at_least)
+    pixels, full_size, _ = _decode(data, channels=channels, size=size, at_least=at_least, keep_original=0)
+    return pixels, full_size
+
+
+def _decode(data: bytes, *, channels: int, size: tuple[int, int] | None, at_least: tuple[int, int] | None,
+            keep_original: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+    image, full_size = _decode_eight_bit(data, at_least=size or at_least)
+    original = None
+    if image.size == full_size and image.width * image.height <= keep_original and image.mode in ("L", "RGB"):
+        original = _as_hwc(np.asarray(image))
+    # Grey resampled before it becomes RGB: a third of the work for the same bytes (RGB made of grey
+    # resamples each channel as the grey), and most line cameras are monochrome.
+    grey_first = channels == 3 and image.mode == "L"
+    if not grey_first:
+        image = _to_channels(image, channels)
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if grey_first:
+        image = image.convert("RGB")
     pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
-    return (pixels[:, :, None] if pixels.ndim == 2 else pixels), full_size
+    return _as_hwc(pixels), full_size, original
+
+
+def _as_hwc(pixels: np.ndarray) -> np.ndarray:
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
 def read_for_device(path: str | Path, *, channels: int, size: tuple[int, int],
@@ -150,12 +176,18 @@ def decode_sized(data: bytes, *, channels: int,
     least `at_least` (width, height) in both sides, and the file's own (width, height).
 
     None decodes whole. Files that are not JPEGs, and JPEGs under twice `at_least`, decode whole."""
+    image, full_size = _decode_eight_bit(data, at_least=at_least)
+    return _to_channels(image, channels), full_size
+
+
+def _decode_eight_bit(data: bytes, *, at_least: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+    """decode_sized before the channels: the file's own mode, 12/16-bit grey scaled to 8 bits."""
     if not data:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             full_size = image.size
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"image too large: {image.width}x{image.height}")
@@ -172,15 +204,15 @@ def decode_sized(data: bytes, *, channels: int,
         raise ImageError(f"image too large: refused as a possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt image: {exc}") from None
-    return _to_channels(image, channels), full_size
-
-
-def _to_channels(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         # Industrial cameras write 12/16-bit grey; scale to 8 bits rather than clip.
         wide = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if wide.max() > 4095 else 4095.0
         image = Image.fromarray(np.clip(wide / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image, full_size
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
     if channels == 1:
         return image.convert("L")
     if channels == 3:

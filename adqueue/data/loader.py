@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -49,31 +50,44 @@ def default_threads() -> int:
 
 
 def load_one(item: Item, preprocess: Preprocess, max_bytes: int = DEFAULT_MAX_BYTES, *,
-             jpeg_for_device: bool = False) -> Loaded:
+             jpeg_for_device: bool = False, keep_originals: bool = False) -> Loaded:
     """Read and decode one item; with `jpeg_for_device`, a JPEG is read and checked but left for the
-    GPU to decode (its `decoded.encoded`)."""
-    read = read_for_device if jpeg_for_device else read_image
+    GPU to decode (its `decoded.encoded`). With `keep_originals`, a small image keeps its whole
+    decoded pixels too (`decoded.original`, for a heat map; _original_pixels)."""
     try:
-        decoded = read(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh, max_bytes=max_bytes)
+        if jpeg_for_device:
+            decoded = read_for_device(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh,
+                                      max_bytes=max_bytes)
+        else:
+            decoded = read_image(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh,
+                                 max_bytes=max_bytes, keep_original=_original_pixels(preprocess) if keep_originals else 0)
     except ImageError as exc:
         return Loaded(item, None, str(exc))
     return Loaded(item, decoded, None)
 
 
+def _original_pixels(preprocess: Preprocess) -> int:
+    """The largest image that keeps its whole pixels: four times the input (a 192 px file for a 256 px
+    model), at most 1 MP, so that what the decode window holds stays a few batches' worth."""
+    return min(4 * preprocess.size**2, 1 << 20)
+
+
 def load_stream(
     items: Iterable[Item], preprocess: Preprocess, *, threads: int | None = None, window: int = 64,
-    max_bytes: int = DEFAULT_MAX_BYTES, jpeg_for_device: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES, jpeg_for_device: bool = False, keep_originals: bool = False,
 ) -> Iterator[Loaded]:
-    """Decode `items` in order, keeping at most `window` decodes in flight (`threads` None: one per
-    core; 0: in the caller's thread, overlapping nothing)."""
+    """Decode `items` in order (load_one), keeping at most `window` decodes in flight (`threads`
+    None: one per core; 0: in the caller's thread, overlapping nothing)."""
+    load = partial(load_one, preprocess=preprocess, max_bytes=max_bytes, jpeg_for_device=jpeg_for_device,
+                   keep_originals=keep_originals)
     if threads == 0:
         for item in items:
-            yield load_one(item, preprocess, max_bytes, jpeg_for_device=jpeg_for_device)
+            yield load(item)
         return
     with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="decode") as pool:
         pending: deque[Future[Loaded]] = deque()
         for item in items:
-            pending.append(pool.submit(load_one, item, preprocess, max_bytes, jpeg_for_device=jpeg_for_device))
+            pending.append(pool.submit(load, item))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from adqueue.data.io import DEFAULT_MAX_BYTES, decode_pixels, read_file
 from adqueue.data.loader import Loaded, batched, device_batch, load_stream
 from adqueue.data.paths import to_os
 from adqueue.data.sources import Item
+from adqueue.detectors.base import Scores
 from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
 
@@ -103,7 +105,7 @@ def _score(
     on_gpu = transfer.gpu_decode and gpu_decode_available(device)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
         stream = load_stream(items, detector.preprocess, max_bytes=max_bytes, threads=transfer.decode_threads,
-                             jpeg_for_device=on_gpu)
+                             jpeg_for_device=on_gpu, keep_originals=heatmaps != "none")
         for batch in batched(stream, batch_size):
             decoded = [entry for entry in batch if entry.ok]
             scores = None
@@ -114,9 +116,10 @@ def _score(
                 else:
                     scores = detector.score(pixels, with_maps=want_maps)
             position = {id(entry): index for index, entry in enumerate(decoded)}
+            values = _BatchValues.of(scores)
             for entry in batch:
                 index = position.get(id(entry))
-                row = _row(entry, loaded, scores, index)
+                row = _row(entry, loaded, values, index)
                 if row["error"] is None and scores is not None and index is not None:
                     output.n_ok += 1
                     amap = scores.maps[index].numpy() if scores.maps is not None else None
@@ -125,8 +128,7 @@ def _score(
                     if amap is not None and _wants_heatmap(heatmaps, row["is_anomaly"]):
                         target = data_dir.heatmap_file(job_id, heatmap_key(entry.item.path), run_id)
                         row["heatmap_path"] = data_dir.relative(target)
-                        writes.append((row, painter.submit(_write_heatmap, entry.item.path, amap, loaded.map_range,
-                                                           target)))
+                        writes.append((row, painter.submit(_write_heatmap, entry, amap, loaded.map_range, target)))
                 output.rows.append(row)
             if on_batch is not None:
                 on_batch(len(batch))
@@ -139,14 +141,30 @@ def _score(
     return output
 
 
-def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _BatchValues:
+    """A batch's scores as Python floats, converted once: reading a tensor one element at a time
+    costs microseconds an element, on the thread that feeds the model."""
+
+    image: list[float]
+    extra: dict[str, list[float]]
+    scored_at: datetime
+
+    @classmethod
+    def of(cls, scores: Scores | None) -> _BatchValues:
+        if scores is None:
+            return cls([], {}, utcnow())
+        return cls(scores.image.tolist(), {name: values.tolist() for name, values in scores.extra.items()}, utcnow())
+
+
+def _row(entry: Loaded, loaded: LoadedModel, values: _BatchValues, index: int | None) -> dict[str, Any]:
     row: dict[str, Any] = {
         "model_id": loaded.model_id,
         "path": entry.item.path,
         "label": entry.item.label,
         "defect": entry.item.defect,
         "error": entry.error,
-        "scored_at": utcnow(),
+        "scored_at": values.scored_at,
         "heatmap_path": None,
         "sha256": None, "score": None, "is_anomaly": None, "width": None, "height": None, "scores": None,
         "file_size": None, "file_mtime_ns": None,
@@ -156,12 +174,12 @@ def _row(entry: Loaded, loaded: LoadedModel, scores: Any, index: int | None) -> 
     decoded = entry.decoded
     row.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height, file_size=decoded.file_size,
                file_mtime_ns=decoded.file_mtime_ns)
-    score = float(scores.image[index])
+    score = values.image[index]
     if not math.isfinite(score):
         # NaN compares false with any threshold: without this a broken model passes every image.
         row["error"] = f"detector produced a non-finite score ({score})"
         return row
-    extra = {name: float(values[index]) for name, values in scores.extra.items()}
+    extra = {name: per_image[index] for name, per_image in values.extra.items()}
     row.update(
         score=score,
         is_anomaly=None if loaded.threshold is None else bool(score > loaded.threshold),
@@ -184,14 +202,16 @@ def _wants_heatmap(mode: str, is_anomaly: bool | None) -> bool:
     return mode == "all" or (mode == "flagged" and bool(is_anomaly))
 
 
-def _write_heatmap(path: str, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> str | None:
+def _write_heatmap(entry: Loaded, amap: np.ndarray, map_range: tuple[float, float], target: Any) -> str | None:
     """Paint and write one heat map; None if written, else why not (the score stands either way)."""
-    try:
-        bound = (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE)  # a camera frame need not decode whole for a 1024 px overlay
-        # Not read_image: the row has the file's hash already, and hashing it again costs the forward pass CPU.
-        original, _ = decode_pixels(read_file(to_os(path))[0], channels=3, size=None, at_least=bound)
-    except ImageError:
-        return "the image changed while it was scored"
+    original = entry.decoded.original if entry.decoded is not None else None
+    if original is None:  # a large file: read again, decoded at the overlay's scale
+        try:
+            bound = (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE)  # a camera frame need not decode whole for a 1024 px overlay
+            # Not read_image: the row has the file's hash already, and hashing it again costs the forward pass CPU.
+            original, _ = decode_pixels(read_file(to_os(entry.item.path))[0], channels=3, size=None, at_least=bound)
+        except ImageError:
+            return "the image changed while it was scored"
     try:
         atomic_write_bytes(target, render_overlay(original, amap, map_range))
     except OSError as exc:  # a full or read-only disk: atomic_write_bytes left nothing behind

@@ -1,6 +1,7 @@
 """Heat-map colours: every map level gets its colormap entry, whatever the overlay's shape."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -28,3 +29,24 @@ def test_overlay_is_red_where_the_map_is_high() -> None:
     assert overlay.shape == (64, 96, 3)
     hot, cold = overlay[16:32, 48:72].reshape(-1, 3).mean(0), overlay[48:, :24].reshape(-1, 3).mean(0)
     assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40
+
+
+def test_a_small_image_is_painted_from_the_pixels_it_was_scored_on(tmp_path: Path) -> None:
+    from adqueue.data.loader import load_one
+    from adqueue.data.preprocess import Preprocess
+    from adqueue.data.sources import Item
+    from adqueue.pipeline.score import _write_heatmap
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "frame.png"
+    Image.fromarray(rng.integers(0, 256, (96, 80), dtype=np.uint8)).save(path)
+    amap = rng.random((64, 64)).astype(np.float32)
+    kept = load_one(Item(str(path)), Preprocess(64, 3), keep_originals=True)
+    reread = load_one(Item(str(path)), Preprocess(64, 3))
+    assert kept.decoded is not None and kept.decoded.original is not None
+    assert reread.decoded is not None and reread.decoded.original is None
+    assert _write_heatmap(reread, amap, (0.0, 1.0), tmp_path / "reread.jpg") is None
+    path.unlink()  # the painter no longer needs the file
+    assert _write_heatmap(kept, amap, (0.0, 1.0), tmp_path / "kept.jpg") is None
+    assert (tmp_path / "kept.jpg").read_bytes() == (tmp_path / "reread.jpg").read_bytes()
+    assert _write_heatmap(reread, amap, (0.0, 1.0), tmp_path / "gone.jpg") == "the image changed while it was scored"

@@ -152,3 +152,35 @@ def test_jpegs_left_for_the_device_decode_there_or_fall_back_in_order(tmp_path: 
     assert [Path(entry.item.path).name for entry in entries] == ["a.jpg", "b.png"] and batch.shape == (2, 3, 64, 64)
     reference = to_float(stack_pixels(list(load_stream(items[:2], prep, threads=0))))
     assert torch.allclose(batch[1], reference[1]) and (batch[0] - reference[0]).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_grey_files_resampled_before_they_become_rgb_give_the_same_pixels(tmp_path: Path, fmt: str) -> None:
+    from adqueue.data.io import decode_sized
+
+    rng = np.random.default_rng(5)
+    for index, (shape, size) in enumerate([((192, 192), (256, 256)), ((300, 410), (96, 96)), ((61, 47), (128, 64))]):
+        path = _save(tmp_path / f"g{index}.{fmt.lower()}", rng.integers(0, 256, shape, dtype=np.uint8), fmt)
+        got = read_image(path, channels=3, size=size).pixels
+        # The order every other mode takes: to RGB first (at the same reduced scale), then resized.
+        expected = np.asarray(decode_sized(path.read_bytes(), channels=3, at_least=size)[0].resize(
+            size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+        assert got.shape == (size[1], size[0], 3) and got.flags.writeable
+        assert np.array_equal(got, expected)
+
+
+def test_small_files_keep_their_whole_pixels_when_asked(tmp_path: Path) -> None:
+    from adqueue.data.io import decode_bytes
+
+    rng = np.random.default_rng(6)
+    grey = _save(tmp_path / "g.png", rng.integers(0, 256, (40, 50), dtype=np.uint8), "PNG")
+    colour = _save(tmp_path / "c.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), "PNG")
+    assert read_image(grey, channels=3, size=(32, 32)).original is None  # not asked
+    kept = read_image(grey, channels=3, size=(32, 32), keep_original=2000).original
+    assert kept is not None and kept.shape == (40, 50, 1)
+    assert np.array_equal(kept[..., 0], np.asarray(decode_bytes(grey.read_bytes(), channels=1)))
+    kept = read_image(colour, channels=1, size=(32, 32), keep_original=2000).original  # a grey model, a colour file
+    assert kept is not None and np.array_equal(kept, np.asarray(decode_bytes(colour.read_bytes(), channels=3)))
+    assert read_image(colour, channels=3, size=(32, 32), keep_original=1999).original is None  # over the bound
+    frame = _camera_frame(tmp_path / "frame.jpg", (1600, 1200))
+    assert read_image(frame, channels=3, size=(96, 96), keep_original=10**8).original is None  # decoded reduced
