@@ -31,7 +31,7 @@ device_option = click.option("--device", default=None, help="auto, cpu, cuda or 
 shard_option = click.option("--shard-size", default=256, show_default=True, type=int,
                             help="Images per shard (one task). Keep a shard to seconds or minutes of work.")
 heatmaps_option = click.option("--heatmaps", type=click.Choice(["flagged", "all", "none"]), default="flagged",
-                               show_default=True, help="Which images get a PNG heat-map overlay.")
+                               show_default=True, help="Which images get a heat-map overlay (a JPEG under the data dir).")
 split_option = click.option("--split", type=click.Choice(SPLITS), default=None,
                             help="Rows of a manifest CSV / MVTec root to use.")
 
@@ -230,7 +230,7 @@ def score(ctx: click.Context, path: str, model: str, split: str | None, shard_si
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @shard_option
 @click.option("--heatmaps", type=click.Choice(["flagged", "all", "none"]), default="none", show_default=True,
-              help="Which images get a PNG heat-map overlay.")
+              help="Which images get a heat-map overlay (a JPEG under the data dir).")
 @device_option
 @wait_option
 @format_option

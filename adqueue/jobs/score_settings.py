@@ -6,5 +6,5 @@ without importing it.
 
 from __future__ import annotations
 
-# Which images get a PNG heat-map overlay: the flagged ones, every one, or none.
+# Which images get a JPEG heat-map overlay: the flagged ones, every one, or none.
 HEATMAP_MODES = ("flagged", "all", "none")

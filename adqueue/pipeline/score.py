@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from adqueue.data.sources import Item
 from adqueue.detectors.base import Scores
 from adqueue.pipeline.heatmaps import MAX_OVERLAY_SIDE, render_overlay
 from adqueue.pipeline.model_files import LoadedModel
+
+PAINT_BACKLOG = 64
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def _score(
     want_maps = keep_maps or heatmaps != "none"
     output = ScoredItems(maps={} if keep_maps else None)
     on_gpu = transfer.gpu_decode and gpu_decode_available(device)
+    # Heat maps waiting for the painter hold their map and image: at most PAINT_BACKLOG of them, so
+    # memory stays bounded whatever the shard size and however slow the disk (scoring waits).
+    backlog = threading.BoundedSemaphore(PAINT_BACKLOG)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="heatmap") as painter:
         stream = load_stream(items, detector.preprocess, max_bytes=max_bytes, threads=transfer.decode_threads,
                              jpeg_for_device=on_gpu, keep_originals=heatmaps != "none")
@@ -128,7 +134,10 @@ def _score(
                     if amap is not None and _wants_heatmap(heatmaps, row["is_anomaly"]):
                         target = data_dir.heatmap_file(job_id, heatmap_key(entry.item.path), run_id)
                         row["heatmap_path"] = data_dir.relative(target)
-                        writes.append((row, painter.submit(_write_heatmap, entry, amap, loaded.map_range, target)))
+                        backlog.acquire()
+                        write = painter.submit(_write_heatmap, entry, amap, loaded.map_range, target)
+                        write.add_done_callback(lambda _: backlog.release())
+                        writes.append((row, write))
                 output.rows.append(row)
             if on_batch is not None:
                 on_batch(len(batch))

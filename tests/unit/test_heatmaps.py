@@ -1,9 +1,10 @@
-"""Heat-map colours: every map level gets its colormap entry, whatever the overlay's shape."""
+"""Heat maps: every map level gets its colormap entry whatever the overlay's shape, and the painter."""
 
 import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from adqueue.pipeline.heatmaps import COLORMAP, colorize, render_overlay
@@ -50,3 +51,43 @@ def test_a_small_image_is_painted_from_the_pixels_it_was_scored_on(tmp_path: Pat
     assert _write_heatmap(kept, amap, (0.0, 1.0), tmp_path / "kept.jpg") is None
     assert (tmp_path / "kept.jpg").read_bytes() == (tmp_path / "reread.jpg").read_bytes()
     assert _write_heatmap(reread, amap, (0.0, 1.0), tmp_path / "gone.jpg") == "the image changed while it was scored"
+
+
+def test_heat_maps_waiting_for_the_painter_are_bounded(tmp_path: Path, textures: tuple[Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk makes scoring wait, not the backlog of maps and images grow with the shard."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adqueue.pipeline import score
+    from benchmarks.harness.cli import FAST_MVG
+    from tests.helpers.cli import invoke_cli
+
+    root, dump = textures
+    invoke_cli(tmp_path, "train", "--data", str(root), "--name", "m", *FAST_MVG)
+    lock, waiting, most = threading.Lock(), [0], [0]
+    paint = score._write_heatmap
+
+    def slow_paint(*args: object) -> str | None:
+        time.sleep(0.05)
+        try:
+            return paint(*args)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                waiting[0] -= 1
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            if fn is slow_paint:
+                with lock:
+                    waiting[0] += 1
+                    most[0] = max(most[0], waiting[0])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(score, "PAINT_BACKLOG", 3)
+    monkeypatch.setattr(score, "_write_heatmap", slow_paint)
+    monkeypatch.setattr(score, "ThreadPoolExecutor", CountingPool)
+    invoke_cli(tmp_path, "score", "--model", "m", str(dump), "--heatmaps", "all")
+    written = list((tmp_path / "heatmaps").rglob("*.jpg"))
+    assert len(written) == 16 and most[0] == 3  # every image painted, never more than 3 waiting
