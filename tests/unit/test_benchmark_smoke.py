@@ -41,3 +41,20 @@ def test_gpu_benchmark_runs_every_detector_on_the_cpu() -> None:
         row = next(line for line in done.stdout.splitlines() if line.startswith(f"| `{name}` |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[1].split()[0]) > 0 and cells[3].endswith("x") and cells[5].endswith("x"), row
+
+
+def test_scoring_overhead_benchmark_prints_its_ratios_and_breakdown() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/scoring_overhead.py", "--backbone", "resnet18", "--random-weights", "--size", "64",
+         "--levels", "1,2", "--images", "16", "--repeats", "2", "--threads", "1", "--breakdown"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    ratio = next(line for line in lines if line.startswith("pipeline / bare"))
+    assert 0.0 < float(ratio.split(":")[1].strip().rstrip("x")) < 2.0, ratio
+    assert next(line for line in lines if line.startswith("paired ratios")).count("x") == 1
+    (breakdown, _) = [line for line in lines if line.startswith("  pipeline ")]  # one per pipeline run
+    numbers = [float(word.rstrip(",s;")) for word in breakdown.split() if word.rstrip(",s;").replace(".", "").isdigit()]
+    wall, forward, _rest, cpu, decode, paint = numbers
+    assert 0 < forward < wall and 0 < decode < cpu and paint > 0, breakdown
