@@ -109,14 +109,14 @@ def _as_hwc(pixels: np.ndarray) -> np.ndarray:
 
 
 def read_for_device(path: str | Path, *, channels: int, size: tuple[int, int],
-                    max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
+                    max_bytes: int = DEFAULT_MAX_BYTES, keep_original: int = 0) -> DecodedImage:
     """As read_image, but a JPEG that a GPU decoder takes (8-bit grey or colour, within the pixel
     limit: checked from its header, as before any decode) comes back undecoded, its bytes in
-    `encoded`; every other file is decoded here."""
+    `encoded`; every other file is decoded here (and keeps its pixels as read_image's do)."""
     data, info = read_file(path, max_bytes=max_bytes)
     header = _jpeg_header(data)
     if header is None:
-        return _decoded(data, info, channels=channels, size=size)
+        return _decoded(data, info, channels=channels, size=size, keep_original=keep_original)
     return DecodedImage(pixels=None, width=header[0], height=header[1], sha256=hashlib.sha256(data).hexdigest(),
                         file_size=info.st_size, file_mtime_ns=info.st_mtime_ns, encoded=data)
 

@@ -54,13 +54,10 @@ def load_one(item: Item, preprocess: Preprocess, max_bytes: int = DEFAULT_MAX_BY
     """Read and decode one item; with `jpeg_for_device`, a JPEG is read and checked but left for the
     GPU to decode (its `decoded.encoded`). With `keep_originals`, a small image keeps its whole
     decoded pixels too (`decoded.original`, for a heat map; _original_pixels)."""
+    read = read_for_device if jpeg_for_device else read_image
     try:
-        if jpeg_for_device:
-            decoded = read_for_device(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh,
-                                      max_bytes=max_bytes)
-        else:
-            decoded = read_image(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh,
-                                 max_bytes=max_bytes, keep_original=_original_pixels(preprocess) if keep_originals else 0)
+        decoded = read(to_os(item.path), channels=preprocess.channels, size=preprocess.size_wh, max_bytes=max_bytes,
+                       keep_original=_original_pixels(preprocess) if keep_originals else 0)
     except ImageError as exc:
         return Loaded(item, None, str(exc))
     return Loaded(item, decoded, None)
