@@ -15,7 +15,9 @@ pixel (an upscaled image alone is smoother than any camera frame).
    300 px copies, then `adqueue score --heatmaps none` of the camera frames and of the same
    frames saved at 300 px, alternated `--repeats` times, embedded, ADQUEUE_TORCH_THREADS=2. A
    job's images/s are its images over its own duration (first claim to completion, from `adqueue
-   jobs JOB`), so interpreter start-up is left out; the best run of each counts.
+   jobs JOB`), so interpreter start-up is left out. It prints the best run of each, and each camera
+   run's ratio to the mean of the small runs either side of it, with their median: on a shared
+   machine whose speed drifts by the second, best-of ratios of short runs scatter by 0.1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import csv
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,15 +149,17 @@ def score_rate(folder: Path, env: dict[str, str]) -> float:
     return int(record["n_done"]) / (finished - started).total_seconds()
 
 
-def through_cli(big: Path, small: Path, tmp: Path, repeats: int) -> tuple[float, float]:
+def through_cli(big: Path, small: Path, tmp: Path, repeats: int) -> tuple[list[float], list[float]]:
+    """images/s of each run: small, camera, small, ..., small (`repeats` camera runs, each between
+    two small ones, so that each can be paired with the small runs either side of it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADQUEUE_")}
     env.update(ADQUEUE_DATA_DIR=str(tmp / "adq"), ADQUEUE_TORCH_THREADS="2", PYTHONUNBUFFERED="1")
     adqueue(["train", "--detector", "mvg", "--data", str(small), "--name", "cam"], env)
-    best_big = best_small = 0.0
+    small_runs, camera_runs = [score_rate(small, env)], []
     for _ in range(repeats):
-        best_small = max(best_small, score_rate(small, env))
-        best_big = max(best_big, score_rate(big, env))
-    return best_big, best_small
+        camera_runs.append(score_rate(big, env))
+        small_runs.append(score_rate(small, env))
+    return camera_runs, small_runs
 
 
 def main() -> None:
@@ -184,12 +189,18 @@ def main() -> None:
         print(f"\nnow / before: {rows[1][1] / rows[0][1]:.3f}\n")
         if args.skip_cli:
             return
-        rate_big, rate_small = through_cli(big, small, tmp, args.repeats)
+        camera_runs, small_runs = through_cli(big, small, tmp, args.repeats)
+        rate_big, rate_small = max(camera_runs), max(small_runs)
+        paired = [camera / ((before + after) / 2)
+                  for camera, before, after in zip(camera_runs, small_runs, small_runs[1:], strict=False)]
         print(f"## adqueue score through the CLI: {args.images} images, mvg defaults, embedded, --heatmaps none, "
               f"2 torch threads, best of {args.repeats} alternated runs\n")
-        print("| images | images/s |\n|---|---|")
-        print(f"| {shape} JPEGs | {rate_big:.1f} |\n| the same at 300x225 | {rate_small:.1f} |")
-        print(f"\ncamera / small: {rate_big / rate_small:.2f}x")
+        print("| images | images/s (best) | every run, in order |\n|---|---|---|")
+        print(f"| {shape} JPEGs | {rate_big:.1f} | {' '.join(f'{r:.1f}' for r in camera_runs)} |")
+        print(f"| the same at 300x225 | {rate_small:.1f} | {' '.join(f'{r:.1f}' for r in small_runs)} |")
+        print(f"\ncamera / small: {rate_big / rate_small:.2f}x (best of each)")
+        print(f"paired: {' '.join(f'{r:.2f}' for r in paired)} (each camera run against the small runs either side;"
+              f" median {statistics.median(paired):.2f}x)")
 
 
 if __name__ == "__main__":

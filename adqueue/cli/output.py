@@ -37,9 +37,11 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, *, for_people: bool = False) -> Any:
+    # Seconds for eyes; scripts get the microseconds stored, or a job's duration taken from its
+    # timestamps would be off by up to a second (a 5 s benchmark run by 20%).
     if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
+        return value.isoformat(timespec="seconds" if for_people else "auto")
     if isinstance(value, float):
         return round(value, 6)
     return value
@@ -62,7 +64,7 @@ def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, 
         for column in columns:
             table.add_column(column, overflow="fold")
         for row in rows:  # Text(): values such as "image_auroc[crack]" are data, not markup
-            table.add_row(*(Text("" if row.get(c) is None else str(_plain(row.get(c)))) for c in columns))
+            table.add_row(*(Text("" if row.get(c) is None else str(_plain(row.get(c), for_people=True))) for c in columns))
         Console(highlight=False, width=max(Console().width, 160)).print(table)
 
 
@@ -80,7 +82,7 @@ def emit_object(obj: dict[str, Any], fmt: str, *, title: str | None = None) -> N
         table.add_column("key", style="bold")
         table.add_column("value", overflow="fold")
         for key, value in obj.items():
-            table.add_row(Text(key), Text("" if value is None else str(_plain(value))))
+            table.add_row(Text(key), Text("" if value is None else str(_plain(value, for_people=True))))
         Console(highlight=False).print(table)
 
 

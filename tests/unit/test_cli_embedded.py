@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def test_train_registers_a_version(data_dir: Path, trained: dict, textures) -> N
     again = json.loads(invoke(data_dir, "train", "--data", str(textures[0]), "--name", "bricks", *FAST_MVG,
                               "--format", "json").stdout)
     assert again["model"] == "bricks:2"
+
+
+def test_scripts_get_timestamps_to_the_microsecond_and_people_to_the_second(data_dir: Path, trained: dict) -> None:
+    # A job's duration from its JSON timestamps (how benchmarks/decode.py takes images/s) was
+    # whole seconds apart: a 5 s run could read 4 or 6.
+    job = json.loads(invoke(data_dir, "jobs", str(trained["job_id"]), "--format", "json").stdout)
+    stamps = [datetime.fromisoformat(job[key]) for key in ("created_at", "started_at", "finished_at")]
+    assert any(stamp.microsecond for stamp in stamps), stamps
+    table = invoke(data_dir, "jobs", str(trained["job_id"])).stdout
+    assert stamps[1].isoformat(timespec="seconds") in table and not re.search(r":\d\d\.\d{6}", table)
 
 
 def test_score_a_dump_with_broken_files(data_dir: Path, trained: dict, textures) -> None:
