@@ -58,3 +58,19 @@ def test_scoring_overhead_benchmark_prints_its_ratios_and_breakdown() -> None:
     numbers = [float(word.rstrip(",s;")) for word in breakdown.split() if word.rstrip(",s;").replace(".", "").isdigit()]
     wall, forward, _rest, cpu, decode, paint = numbers
     assert 0 < forward < wall and 0 < decode < cpu and paint > 0, breakdown
+
+
+def test_decode_benchmark_prints_each_run_and_the_paired_ratios() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/decode.py", "--images", "24", "--megapixels", "1", "--repeats", "1"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    now_before = next(line for line in lines if line.startswith("now / before"))
+    assert 0.0 < float(now_before.split(":")[1]) < 1.0, now_before  # the reduced-scale decode is cheaper
+    camera = next(line for line in lines if line.startswith("| 1155x866 JPEGs"))
+    small = next(line for line in lines if line.startswith("| the same at 300x225"))
+    assert len(camera.split("|")[3].split()) == 1 and len(small.split("|")[3].split()) == 2, (camera, small)
+    paired = next(line for line in lines if line.startswith("paired:"))
+    assert 0.0 < float(paired.split()[1]) < 3.0, paired
