@@ -142,17 +142,20 @@ def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
 
     Only regular files are opened (a FIFO would block the reader forever, a device never ends);
     the format is checked from the first bytes and the size from the inode before the rest is
-    read, so a huge non-image costs nothing."""
+    read, so a huge non-image costs nothing. The bytes are those the inode counted: a file still
+    being written stays bounded, and the hash and size a row records describe the same bytes."""
     try:
         kind = stat.S_IFMT(os.stat(path).st_mode)
         if kind != stat.S_IFREG:
             raise ImageError(f"not a regular file: {_KINDS.get(kind, 'a special file')}")
         # O_NONBLOCK: should a FIFO appear here after the check, opening it still returns at once.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+        # Unbuffered, and asked for the file's own size: a buffered read of "up to max_bytes"
+        # allocated that much first, 1.1 of the 1.2 ms a 1.3 MiB camera frame took to read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb", buffering=0) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise ImageError("not a regular file")
-            head = handle.read(HEAD_BYTES)
+            head = os.pread(handle.fileno(), HEAD_BYTES, 0)  # the offset stays at 0 for the read below
             if not head:
                 raise ImageError("empty file")
             if _claimed_format(head) is None:
@@ -160,9 +163,18 @@ def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
             if info.st_size > max_bytes:
                 raise ImageError(f"file too large: {info.st_size / 2**20:.0f} MiB "
                                  f"(limit {max_bytes / 2**20:.0f} MiB, ADQUEUE_MAX_FILE_MB)")
-            return head + handle.read(max_bytes + 1 - len(head)), info  # a file growing meanwhile stays bounded
+            return _read_up_to(handle, info.st_size), info
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def _read_up_to(handle: io.FileIO, count: int) -> bytes:
+    """`count` bytes, or fewer at the end of the file (an unbuffered read may return short)."""
+    chunks = []
+    while count > 0 and (chunk := handle.read(count)):
+        chunks.append(chunk)
+        count -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_bytes(data: bytes, *, channels: int) -> Image.Image:

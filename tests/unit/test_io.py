@@ -184,3 +184,16 @@ def test_small_files_keep_their_whole_pixels_when_asked(tmp_path: Path) -> None:
     assert read_image(colour, channels=3, size=(32, 32), keep_original=1999).original is None  # over the bound
     frame = _camera_frame(tmp_path / "frame.jpg", (1600, 1200))
     assert read_image(frame, channels=3, size=(96, 96), keep_original=10**8).original is None  # decoded reduced
+
+
+@pytest.mark.parametrize("side", [1, 600])
+def test_a_file_is_read_whole_and_its_size_is_that_of_the_bytes_read(tmp_path: Path, side: int) -> None:
+    # Read unbuffered to the size fstat gave, after the format's first bytes were checked: every
+    # byte once, in order, for a 1-pixel file and a 1 MiB one.
+    from adqueue.data.io import read_file
+
+    noise = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    path = _save(tmp_path / "n.png", noise, "PNG", compress_level=0)
+    data, info = read_file(path)
+    assert data == path.read_bytes() and info.st_size == len(data)
+    assert len(data) > 2**20 if side == 600 else len(data) < 100
