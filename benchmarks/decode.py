@@ -192,7 +192,7 @@ def main() -> None:
         camera_runs, small_runs = through_cli(big, small, tmp, args.repeats)
         rate_big, rate_small = max(camera_runs), max(small_runs)
         paired = [camera / ((before + after) / 2)
-                  for camera, before, after in zip(camera_runs, small_runs, small_runs[1:], strict=False)]
+                  for camera, before, after in zip(camera_runs, small_runs[:-1], small_runs[1:], strict=True)]
         print(f"## adqueue score through the CLI: {args.images} images, mvg defaults, embedded, --heatmaps none, "
               f"2 torch threads, best of {args.repeats} alternated runs\n")
         print("| images | images/s (best) | every run, in order |\n|---|---|---|")

@@ -174,7 +174,7 @@ def _read_up_to(handle: io.FileIO, count: int) -> bytes:
     while count > 0 and (chunk := handle.read(count)):
         chunks.append(chunk)
         count -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)  # one chunk (the usual case) comes back as itself, not a copy
 
 
 def decode_bytes(data: bytes, *, channels: int) -> Image.Image:
